@@ -13,17 +13,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optim_transforms import validate as V
+
 __all__ = ["cautious_mask", "cautious_adamw", "cautious_lion", "maybe_cautious", "NORMALIZATIONS"]
 
 NORMALIZATIONS = ("mean_clamp", "count_plus_one", "none")
 
 
 def _validate(normalization: str, min_fraction: float) -> None:
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(
-            f"cautious_mask: normalization={normalization!r} is not one of {NORMALIZATIONS}"
-        )
-    if not 0.0 < min_fraction <= 1.0:
+    V.check_choice("cautious_mask", "normalization", normalization, NORMALIZATIONS)
+    if not isinstance(min_fraction, (int, float)) or not 0.0 < min_fraction <= 1.0:
         raise ValueError(f"cautious_mask: min_fraction={min_fraction!r} must be in (0, 1]")
 
 
@@ -104,6 +103,7 @@ def cautious_adamw(
     *,
     mask: Any = None,
     normalization: str = "mean_clamp",
+    skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """C-AdamW: AdamW whose Adam direction goes through `cautious_mask`.
 
@@ -117,6 +117,8 @@ def cautious_adamw(
       weight_decay: decoupled weight decay (optax.adamw's default).
       mask: weight-decay mask, as in `optax.adamw`.
       normalization: see `cautious_mask`.
+      skip_nonfinite: skip steps whose gradient has a NaN/Inf (see
+        `optim_transforms.validate.finalize`).
 
     Returns:
       A `optax.GradientTransformationExtraArgs`.
@@ -124,11 +126,18 @@ def cautious_adamw(
     References:
       Liang et al., "Cautious Optimizers", arXiv:2411.16085.
     """
-    return optax.chain(
+    fn = "cautious_adamw"
+    V.check_learning_rate(fn, learning_rate)
+    V.check_beta(fn, "b1", b1)
+    V.check_beta(fn, "b2", b2)
+    V.check_nonnegative(fn, "eps", eps)
+    V.check_nonnegative(fn, "weight_decay", weight_decay)
+    tx = optax.chain(
         cautious_mask(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), normalization=normalization),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )
+    return V.finalize(tx, skip_nonfinite=skip_nonfinite)
 
 
 def cautious_lion(
@@ -139,6 +148,7 @@ def cautious_lion(
     *,
     mask: Any = None,
     normalization: str = "mean_clamp",
+    skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """C-Lion: Lion whose sign direction goes through `cautious_mask`.
 
@@ -151,6 +161,8 @@ def cautious_lion(
       weight_decay: decoupled weight decay (optax.lion's default).
       mask: weight-decay mask, as in `optax.lion`.
       normalization: see `cautious_mask`.
+      skip_nonfinite: skip steps whose gradient has a NaN/Inf (see
+        `optim_transforms.validate.finalize`).
 
     Returns:
       A `optax.GradientTransformationExtraArgs`.
@@ -158,11 +170,17 @@ def cautious_lion(
     References:
       Liang et al., "Cautious Optimizers", arXiv:2411.16085.
     """
-    return optax.chain(
+    fn = "cautious_lion"
+    V.check_learning_rate(fn, learning_rate)
+    V.check_beta(fn, "b1", b1)
+    V.check_beta(fn, "b2", b2)
+    V.check_nonnegative(fn, "weight_decay", weight_decay)
+    tx = optax.chain(
         cautious_mask(optax.scale_by_lion(b1=b1, b2=b2), normalization=normalization),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )
+    return V.finalize(tx, skip_nonfinite=skip_nonfinite)
 
 
 def maybe_cautious(

@@ -63,8 +63,10 @@ def _spec_for(shape, pshape, pspec, mesh) -> PartitionSpec:
             return PartitionSpec()
     else:
         return PartitionSpec()
-    kept = [e if e is not None and d % _axis_size(mesh, e) == 0 else None
-            for d, e in zip(shape, kept, strict=True)]
+    kept = [
+        e if e is not None and d % _axis_size(mesh, e) == 0 else None
+        for d, e in zip(shape, kept, strict=True)
+    ]
     return PartitionSpec(*kept)
 
 
@@ -84,8 +86,7 @@ def state_shardings(tx, params: Any, param_shardings: Any, mesh) -> Any:
     pleaves = jax.tree_util.tree_leaves_with_path(params)
     sleaves = jax.tree.leaves(param_shardings)
     table = [
-        (_names(p), tuple(x.shape), s.spec)
-        for (p, x), s in zip(pleaves, sleaves, strict=True)
+        (_names(p), tuple(x.shape), s.spec) for (p, x), s in zip(pleaves, sleaves, strict=True)
     ]
     table.sort(key=lambda t: -len(t[0]))
 

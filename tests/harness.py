@@ -36,7 +36,7 @@ import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from optim_transforms.sharding import init_sharded
+from optim_transforms.sharding import init_sharded, state_shardings
 
 CHECKS = (
     "state_structure",
@@ -83,7 +83,8 @@ def make_grads(params: Any, seed: int) -> Any:
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1000 + seed), len(leaves))
     return jax.tree.unflatten(
-        treedef, [jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype) for k, x in zip(keys, leaves)]
+        treedef,
+        [jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype) for k, x in zip(keys, leaves)],
     )
 
 
@@ -105,15 +106,23 @@ def _shape_dtype_tree(tree):
 
 def _assert_finite(tree, what):
     for path, x in jax.tree_util.tree_leaves_with_path(tree):
-        x = np.asarray(jnp.asarray(x, jnp.float32)) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else None
+        x = (
+            np.asarray(jnp.asarray(x, jnp.float32))
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+            else None
+        )
         if x is not None:
-            assert np.all(np.isfinite(x)), f"{what}: non-finite values at {jax.tree_util.keystr(path)}"
+            assert np.all(np.isfinite(x)), (
+                f"{what}: non-finite values at {jax.tree_util.keystr(path)}"
+            )
 
 
 def _run_steps(tx, params, n, extra_args_fn, *, zero=False, jit=True):
     state = tx.init(params)
-    step = jax.jit(lambda g, s, p, kw: tx.update(g, s, p, **kw)) if jit else (
-        lambda g, s, p, kw: tx.update(g, s, p, **kw)
+    step = (
+        jax.jit(lambda g, s, p, kw: tx.update(g, s, p, **kw))
+        if jit
+        else (lambda g, s, p, kw: tx.update(g, s, p, **kw))
     )
     updates = None
     for i in range(n):
@@ -182,9 +191,9 @@ def check_inject_hyperparams(factory, hparams, extra_args_fn):
     s_inj.hyperparams["learning_rate"] = jnp.asarray(2 * float(hparams["learning_rate"]))
     grads = make_grads(params, 7)
     u2, _ = tx.update(grads, s_inj, params, **extra_args_fn(params, grads, 2))
-    assert any(
-        not np.allclose(np.asarray(a), 0) for a in jax.tree.leaves(u2)
-    ), "update is all zeros"
+    assert any(not np.allclose(np.asarray(a), 0) for a in jax.tree.leaves(u2)), (
+        "update is all zeros"
+    )
 
 
 def check_zero_grads_finite(factory, hparams, extra_args_fn):
@@ -205,17 +214,23 @@ def check_sharding(factory, hparams, extra_args_fn):
     for i in range(2):
         grads = jax.device_put(make_grads(params, i), shardings)
         updates, state = step(grads, state, params, extra_args_fn(params, grads, i))
-    for (path, u), s in zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(shardings)):
+    for (path, u), s in zip(
+        jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(shardings)
+    ):
         assert u.sharding.is_equivalent_to(s, u.ndim), (
             f"update {jax.tree_util.keystr(path)} has sharding {u.sharding}, param has {s}"
         )
-    for path, x in jax.tree_util.tree_leaves_with_path(state):
-        if hasattr(x, "sharding"):
-            assert len(x.sharding.device_set) == 8, (
-                f"state leaf {jax.tree_util.keystr(path)} lives on {len(x.sharding.device_set)} devices"
-            )
-            per_device = x.addressable_shards[0].data.nbytes if x.addressable_shards else 0
-            assert per_device <= x.nbytes
+    expected = state_shardings(tx, params, shardings, mesh)
+    for (path, x), want in zip(
+        jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(expected)
+    ):
+        where = jax.tree_util.keystr(path)
+        assert len(x.sharding.device_set) == 8, (
+            f"state {where} is on {len(x.sharding.device_set)} devices"
+        )
+        assert x.sharding.is_equivalent_to(want, x.ndim), (
+            f"state {where} drifted to {x.sharding} after 2 steps; its param's rule gives {want}"
+        )
 
 
 _CHECK_FNS = {name: globals()[f"check_{name}"] for name in CHECKS}
