@@ -22,11 +22,16 @@ NORMALIZATIONS = ("mean_clamp", "count_plus_one", "none")
 
 def _validate(normalization: str, min_fraction: float) -> None:
     V.check_choice("cautious_mask", "normalization", normalization, NORMALIZATIONS)
-    if not isinstance(min_fraction, (int, float)) or not 0.0 < min_fraction <= 1.0:
+    if (
+        isinstance(min_fraction, bool)
+        or not isinstance(min_fraction, (int, float))
+        or not 0.0 < min_fraction <= 1.0
+    ):
         raise ValueError(f"cautious_mask: min_fraction={min_fraction!r} must be in (0, 1]")
 
 
 def _mask_leaf(u: jax.Array, g: jax.Array, normalization: str, min_fraction: float) -> jax.Array:
+    """``kappa * u * phi`` for one leaf; ``phi`` and ``kappa`` reduce over all its axes, in fp32."""
     phi = (u.astype(jnp.float32) * g.astype(jnp.float32)) > 0
     phi_f = phi.astype(jnp.float32)
     if normalization == "mean_clamp":
@@ -55,9 +60,14 @@ def cautious_mask(
       ``kappa = numel / (sum(phi) + 1)``;
     * ``"none"``: ``kappa = 1``.
 
-    The mean is over the whole leaf (under sharding it is the global mean, as
-    jit computes it). The mask uses the gradient that entered the wrapper, so
-    the wrapper composes at any position of an `optax.chain`. ``inner`` must
+    ``phi`` is element-wise and ``mean``/``sum`` reduce over all axes of the
+    leaf (per tensor, so the layout does not matter; under sharding it is the
+    global mean, as jit computes it); ``kappa`` is computed in float32 and the
+    output has ``u``'s dtype. If every coordinate is masked (e.g. a zero
+    gradient) the output is exactly zero, never NaN.
+
+    The mask uses the gradient that entered the wrapper, so the wrapper
+    composes at any position of an `optax.chain`. ``inner`` must
     return a direction with the gradient's sign convention (i.e. before the
     negative learning-rate scaling). Place decoupled weight decay after the
     wrapper so it is never masked (the paper never masks it).
