@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental.shard_alike import shard_alike
 
 __all__ = [
     "MatrixDims",
@@ -107,6 +108,8 @@ def default_matrix_dims(path: tuple[Any, ...] | str, shape: tuple[int, ...]) -> 
     names = name.split("/")
     b = _num_stacked_axes(names)
     core = ndim - b
+    if core < 2:  # e.g. a scanned norm scale (L, d)
+        return None
     if core == 2:
         return MatrixDims((b,), (b + 1,))
     if core == 3 and _QKV.search(name):
@@ -210,7 +213,9 @@ def map_matrices(
             return u
         if d is None:
             return u if other is None else other(u)
-        return from_matrix(vfn(to_matrix(u, d)), d, u.shape)
+        # The transposes/reshapes of the view can lose a mesh axis; tie the
+        # result to the input's sharding so updates keep the param's layout.
+        return shard_alike(u, from_matrix(vfn(to_matrix(u, d)), d, u.shape))[1]
 
     return jax.tree.map(
         leaf,

@@ -29,6 +29,7 @@ __all__ = [
     "hyperparameters",
     "build",
     "transform_names",
+    "transform_hyperparameters",
     "build_transform",
 ]
 
@@ -112,6 +113,11 @@ def hyperparameters(name: str) -> dict[str, Any]:
     Required arguments (e.g. ``learning_rate``) map to `inspect.Parameter.empty`.
     """
     return _signature_defaults(factory(name))
+
+
+def transform_hyperparameters(name: str) -> dict[str, Any]:
+    """``{argument: default}`` of transform ``name``, from its signature."""
+    return _signature_defaults(_lookup(TRANSFORMS, name, "transform"))
 
 
 def _check_kwargs(fn: Callable[..., Any], what: str, kwargs: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import jax
 import optax
 
 __all__ = [
@@ -89,6 +90,13 @@ def check_choice(fn: str, arg: str, value: Any, choices: Iterable[Any]) -> None:
 
 
 def check_int(fn: str, arg: str, value: Any, *, minimum: int = 1) -> None:
+    if hasattr(value, "dtype") and getattr(value, "shape", None) == ():
+        if not jax.numpy.issubdtype(value.dtype, jax.numpy.integer):
+            raise _bad(fn, arg, value, f"must be an int >= {minimum}")
+        try:
+            value = int(value)
+        except Exception:  # traced (inject_hyperparams inside jit): checked at build time
+            return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise _bad(fn, arg, value, f"must be an int >= {minimum}")
 
