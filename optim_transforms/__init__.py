@@ -20,12 +20,15 @@ from optim_transforms.matrix import (
 )
 from optim_transforms.registry import build, build_transform, hyperparameters, names
 from optim_transforms.sophia import (
+    SophiaStepFns,
     clip_by_ratio,
     gnb_diag,
     hutchinson_diag,
     hutchinson_precond,
+    is_refresh_step,
     sophia_g,
     sophia_h,
+    sophia_step_fns,
 )
 from optim_transforms.swan import grad_norm, swan, whiten
 
@@ -44,6 +47,9 @@ __all__ = [
     # Hessian-diagonal estimators for Sophia
     "hutchinson_diag",
     "gnb_diag",
+    "is_refresh_step",
+    "sophia_step_fns",
+    "SophiaStepFns",
     # named optimizers
     "swan",
     "sophia_h",
