@@ -590,7 +590,7 @@ def apollo(
     dims: DimsSpec = None,
     proj_fn: ProjFn | None = None,
     cautious: bool = False,
-    skip_nonfinite: bool = True,
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """APOLLO: `random_proj_scale` on hidden matrices, AdamW on the rest, one learning rate.
 
@@ -671,7 +671,7 @@ def apollo_mini(
     dims: DimsSpec = None,
     proj_fn: ProjFn | None = None,
     cautious: bool = False,
-    skip_nonfinite: bool = True,
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """APOLLO-Mini: `apollo` with rank 1 and one tensor-wise scale per matrix.
 

@@ -113,7 +113,7 @@ def cautious_adamw(
     *,
     mask: Any = None,
     normalization: str = "mean_clamp",
-    skip_nonfinite: bool = True,
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """C-AdamW: AdamW whose Adam direction goes through `cautious_mask`.
 
@@ -158,7 +158,7 @@ def cautious_lion(
     *,
     mask: Any = None,
     normalization: str = "mean_clamp",
-    skip_nonfinite: bool = True,
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """C-Lion: Lion whose sign direction goes through `cautious_mask`.
 

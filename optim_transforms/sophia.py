@@ -651,7 +651,7 @@ def sophia_h(
     distribution: str = "rademacher",
     seed: int = 0,
     cautious: bool = False,
-    skip_nonfinite: bool = True,
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     return _sophia("sophia_h", **locals())
 
@@ -674,7 +674,7 @@ def sophia_g(
     distribution: str = "rademacher",
     seed: int = 0,
     cautious: bool = False,
-    skip_nonfinite: bool = True,
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     return _sophia("sophia_g", **locals())
 

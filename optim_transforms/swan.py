@@ -239,7 +239,7 @@ def swan(
     dims: Any = None,
     labels: Any = None,
     cautious: bool = False,
-    skip_nonfinite: bool = True,
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """SWAN: `grad_norm` -> `whiten` -> SGD for matrices, AdamW for the rest.
 

@@ -109,6 +109,14 @@ def finalize(
 ) -> optax.GradientTransformationExtraArgs:
     """The last step of every named optimizer.
 
+    Every named optimizer takes ``skip_nonfinite: bool = False``. Off by
+    default, as in optax/levanter, because the check is a global reduction over
+    the gradients plus a select of the whole state: measured on a 2-core CPU
+    on the llama-130m tree, ``finalize(optax.adamw, skip_nonfinite=True)`` costs
+    2.9-3.3x a plain ``optax.adamw`` update. Turn it on for long runs where a
+    rare bad batch must not end the run; the ``experiments`` train loop instead
+    stops and reports the step at which the loss became non-finite.
+
     With ``skip_nonfinite`` the optimizer is wrapped in `optax.apply_if_finite`:
     a step whose gradient holds a NaN or Inf returns zero updates and leaves the
     inner state unchanged; the state counts such steps

@@ -44,7 +44,9 @@ def test_every_named_optimizer_has_the_common_flags(name):
     assert "learning_rate" in hp and hp["learning_rate"] is inspect.Parameter.empty
     if not name.startswith("cautious_"):  # C-AdamW / C-Lion are cautious by construction
         assert hp.get("cautious") is False, f"{name} must take cautious=False"
-    assert hp.get("skip_nonfinite") is True, f"{name} must take skip_nonfinite=True"
+    # Off by default, as in optax: the check costs ~3x an AdamW update on CPU
+    # (see optim_transforms.validate.finalize); training loops turn it on.
+    assert hp.get("skip_nonfinite") is False, f"{name} must take skip_nonfinite=False"
 
 
 def test_build_adamw_equals_optax():
