@@ -179,7 +179,15 @@ def check_inject_hyperparams(factory, hparams, extra_args_fn):
         return  # a transform without a learning rate has nothing to inject
     tx = optax.inject_hyperparams(factory)(**hparams)
     params = make_params()
-    ref = factory(**hparams)
+    # inject_hyperparams stores numeric hyperparameters (defaults included) as
+    # float32: compare against the factory given those float32 values.
+    f32 = lambda v: float(np.float32(v)) if isinstance(v, float) else v
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(factory).parameters.items()
+        if isinstance(p.default, float)
+    }
+    ref = factory(**{k: f32(v) for k, v in {**defaults, **hparams}.items()})
     u_inj, s_inj, _ = _run_steps(tx, params, 2, extra_args_fn)
     u_ref, _, _ = _run_steps(ref, params, 2, extra_args_fn)
     for a, b in zip(jax.tree.leaves(u_inj), jax.tree.leaves(u_ref)):
