@@ -60,7 +60,13 @@ def _python(code: str, env, timeout=300) -> subprocess.CompletedProcess:
     )
 
 
-def _pretrain(argv: list[str], env, *, kill_after_checkpoint: int | None = None):
+def _pretrain(
+    argv: list[str],
+    env,
+    *,
+    kill_after_checkpoint: int | None = None,
+    kill_inside_checkpoint: int | None = None,
+):
     hook = ""
     if kill_after_checkpoint is not None:
         # SIGKILL the process right after the checkpoint of that step is on disk.
@@ -74,6 +80,19 @@ def _pretrain(argv: list[str], env, *, kill_after_checkpoint: int | None = None)
             "        os.kill(os.getpid(), signal.SIGKILL)\n"
             "    return p\n"
             "checkpoint.save = save\n"
+        )
+    if kill_inside_checkpoint is not None:
+        # SIGKILL the process in the middle of writing that step's checkpoint:
+        # the arrays and meta.json are on disk, the manifest is being hashed.
+        hook = (
+            "import os, signal\n"
+            "from experiments import checkpoint\n"
+            "_sha = checkpoint._sha256\n"
+            "def _sha256(path):\n"
+            f"    if '.tmp-step_{kill_inside_checkpoint:08d}' in str(path):\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return _sha(path)\n"
+            "checkpoint._sha256 = _sha256\n"
         )
     code = hook + f"from experiments import pretrain\npretrain.main({argv!r})\n"
     return _python(code, env)
@@ -89,12 +108,37 @@ def _train_records(path):
     return out
 
 
-@pytest.mark.slow  # ~35 s of CPU: three processes, the first compiles Sophia's two steps
-def test_kill_and_resume_is_bit_exact(setup):
-    root, env, tiny = setup
+def _sophia_args(tiny):
     # sophia_g: exercises refresh steps (k=3, phases straddle the kill) and the RNG.
-    common = [*tiny, "--opt", "sophia_g", "--opt.update_every", "3", "--steps", "20"]
-    a, b = root / "killed", root / "straight"
+    return [*tiny, "--opt", "sophia_g", "--opt.update_every", "3", "--steps", "20"]
+
+
+@pytest.fixture(scope="module")
+def straight(setup):
+    """An uninterrupted 20-step run, the reference for the interrupted ones."""
+    root, env, tiny = setup
+    b = root / "straight"
+    r = _pretrain([*_sophia_args(tiny), "--checkpoint_every", "20", "--out", str(b)], env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return b
+
+
+def _assert_same_final_checkpoint(a, b):
+    got, meta_a = ckpt.read_arrays(a / "checkpoints" / "step_00000020")
+    want, meta_b = ckpt.read_arrays(b / "checkpoints" / "step_00000020")
+    assert meta_a["leaf_paths"] == meta_b["leaf_paths"]
+    assert meta_a["data_position"] == meta_b["data_position"] == 20 * 8
+    for name in ("params", "opt_state", "rng"):
+        assert len(got[name]) == len(want[name]) > 0
+        for x, y, path in zip(got[name], want[name], meta_a["leaf_paths"][name], strict=True):
+            assert x.dtype == y.dtype and np.array_equal(x, y), f"{name}{path} differs"
+
+
+@pytest.mark.slow  # ~35 s of CPU: three processes, the first compiles Sophia's two steps
+def test_kill_and_resume_is_bit_exact(setup, straight):
+    root, env, tiny = setup
+    common = _sophia_args(tiny)
+    a = root / "killed"
 
     killed = _pretrain(
         [*common, "--checkpoint_every", "10", "--out", str(a)], env, kill_after_checkpoint=10
@@ -104,22 +148,31 @@ def test_kill_and_resume_is_bit_exact(setup):
 
     resumed = _pretrain([*common, "--checkpoint_every", "10", "--out", str(a), "--resume"], env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight = _pretrain([*common, "--checkpoint_every", "20", "--out", str(b)], env)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
-    got, meta_a = ckpt.read_arrays(a / "checkpoints" / "step_00000020")
-    want, meta_b = ckpt.read_arrays(b / "checkpoints" / "step_00000020")
-    assert meta_a["leaf_paths"] == meta_b["leaf_paths"]
-    assert meta_a["data_position"] == meta_b["data_position"] == 20 * 8
-    for name in ("params", "opt_state", "rng"):
-        assert len(got[name]) == len(want[name]) > 0
-        for x, y, path in zip(got[name], want[name], meta_a["leaf_paths"][name], strict=True):
-            assert x.dtype == y.dtype and np.array_equal(x, y), f"{name}{path} differs"
+    _assert_same_final_checkpoint(a, straight)
     # The interrupted run's log was cut at its checkpoint, so every step appears once.
-    ra, rb = _train_records(a / "metrics.jsonl"), _train_records(b / "metrics.jsonl")
+    ra, rb = _train_records(a / "metrics.jsonl"), _train_records(straight / "metrics.jsonl")
     assert sorted(ra) == sorted(rb) == [5, 10, 15, 20]
     for s in ra:
         assert ra[s]["train_loss"] == rb[s]["train_loss"]
+
+
+@pytest.mark.slow  # ~25 s of CPU: two processes
+def test_kill_while_writing_checkpoint_resumes_from_last_complete(setup, straight):
+    """Issue 9: SIGKILL mid-save; --resume uses the last complete checkpoint."""
+    root, env, tiny = setup
+    common = [*_sophia_args(tiny), "--checkpoint_every", "5"]
+    a = root / "killed-mid-save"
+
+    killed = _pretrain([*common, "--out", str(a)], env, kill_inside_checkpoint=15)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    ckdir = a / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(ckdir)] == ["step_00000005", "step_00000010"]
+    assert (ckdir / ".tmp-step_00000015").is_dir()  # the half-written one, never renamed
+
+    resumed = _pretrain([*common, "--out", str(a), "--resume"], env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step_00000020" in [p.name for p in ckpt.list_checkpoints(ckdir)]
+    _assert_same_final_checkpoint(a, straight)
 
 
 def test_resume_without_checkpoint_fails_clearly(setup):
