@@ -24,7 +24,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.experimental.shard_alike import shard_alike
 
 __all__ = [
     "MatrixDims",
@@ -213,9 +212,7 @@ def map_matrices(
             return u
         if d is None:
             return u if other is None else other(u)
-        # The transposes/reshapes of the view can lose a mesh axis; tie the
-        # result to the input's sharding so updates keep the param's layout.
-        return shard_alike(u, from_matrix(vfn(to_matrix(u, d)), d, u.shape))[1]
+        return from_matrix(vfn(to_matrix(u, d)), d, u.shape)
 
     return jax.tree.map(
         leaf,
