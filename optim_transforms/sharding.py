@@ -67,6 +67,25 @@ def _spec_for(shape, pshape, pspec, mesh) -> PartitionSpec:
         e if e is not None and d % _axis_size(mesh, e) == 0 else None
         for d, e in zip(shape, kept, strict=True)
     ]
+    # A mesh axis whose param axis was reduced away (e.g. the fsdp axis of an
+    # APOLLO moment's rank axis) moves to the largest free axis it divides, so
+    # the state stays split as many ways as its param instead of replicated.
+    used = {a for e in kept if e is not None for a in (e if isinstance(e, tuple) else (e,))}
+    lost = [
+        a
+        for e in spec
+        if e is not None
+        for a in (e if isinstance(e, tuple) else (e,))
+        if a not in used
+    ]
+    for a in lost:
+        free = [
+            i
+            for i, e in enumerate(kept)
+            if e is None and shape[i] > 1 and shape[i] % mesh.shape[a] == 0
+        ]
+        if free:
+            kept[max(free, key=lambda i: shape[i])] = a
     return PartitionSpec(*kept)
 
 
