@@ -1,0 +1,5 @@
+"""``python -m experiments.bench [--quick]``: see `experiments.bench.run`."""
+
+from experiments.bench.run import main
+
+main()
