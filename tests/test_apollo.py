@@ -76,8 +76,10 @@ def test_moments_keep_the_params_sharding_on_the_full_size_axis():
         name = path_names(path)
         if "/moments/" in name and name.endswith("/mu"):
             found[name.split("/moments/")[1].rsplit("/", 2)[0]] = s.spec
-    # dense (in=8, out=12) P('data','fsdp'): compress in -> (r, 12), out axis keeps 'fsdp'
-    assert tuple(found["dense"]) == (None, "fsdp")
+    # dense (in=8, out=12) P('data','fsdp'): compress in -> (r, 12), out axis keeps 'fsdp';
+    # the lost 'data' axis (size 2) moves onto the rank axis (r = 2), so the moment is
+    # split 8 ways like its param instead of replicated along 'data'.
+    assert tuple(found["dense"]) == ("data", "fsdp")
     # k_proj (d=8, heads=2, hd=4) P('fsdp','data',None): m = n = 8 -> compress in -> (r, 2, 4)
     assert tuple(found["attn/k_proj"])[:2] == (None, "data")
     # scanned (L=2, in=8, out=4) P(None,'data','fsdp'): m < n -> compress out -> (2, 8, r)
