@@ -118,15 +118,13 @@ def _refresh_schedule(name: str, hparams: dict[str, Any]) -> tuple[int, int]:
 
         full["update_every"] = transform_hyperparameters("hutchinson_precond")["update_every"]
     k = int(full["update_every"])
-    # As optim_transforms.sophia resolves it: the official code's form folds the
-    # estimate in after the k-th update (phase k - 1), the paper's before (phase 0).
-    order = full.get("hessian_update_order") or (
-        "after" if full.get("official_code_form") else "before"
+    phase = ot.resolve_refresh_phase(
+        k,
+        official_code_form=bool(full.get("official_code_form")),
+        hessian_update_order=full.get("hessian_update_order"),
+        refresh_phase=full.get("refresh_phase"),
     )
-    phase = full.get("refresh_phase")
-    if phase is None:
-        phase = 0 if order == "before" else k - 1
-    return k, int(phase)
+    return k, phase
 
 
 def named_optimizer(

@@ -26,6 +26,7 @@ from optim_transforms.sophia import (
     hutchinson_diag,
     hutchinson_precond,
     is_refresh_step,
+    resolve_refresh_phase,
     sophia_g,
     sophia_h,
     sophia_step_fns,
@@ -48,6 +49,7 @@ __all__ = [
     "hutchinson_diag",
     "gnb_diag",
     "is_refresh_step",
+    "resolve_refresh_phase",
     "sophia_step_fns",
     "SophiaStepFns",
     # named optimizers

@@ -48,6 +48,7 @@ __all__ = [
     "sophia_h",
     "sophia_g",
     "is_refresh_step",
+    "resolve_refresh_phase",
     "sophia_step_fns",
     "SophiaStepFns",
     "HutchinsonPrecondState",
@@ -723,8 +724,30 @@ def is_refresh_step(
     V.check_choice(
         "is_refresh_step", "hessian_update_order", hessian_update_order, HESSIAN_UPDATE_ORDERS
     )
-    _, _, phase = _resolve(False, 1.0, hessian_update_order, refresh_phase, update_every)
+    phase = resolve_refresh_phase(
+        update_every, hessian_update_order=hessian_update_order, refresh_phase=refresh_phase
+    )
     return step % update_every == phase
+
+
+def resolve_refresh_phase(
+    update_every: int,
+    *,
+    official_code_form: bool = False,
+    hessian_update_order: str | None = None,
+    refresh_phase: int | None = None,
+) -> int:
+    """The 0-based ``step % update_every`` on which a Sophia optimizer takes its estimate.
+
+    Resolves the same way `sophia_h` / `sophia_g` do: ``hessian_update_order``
+    defaults to ``"after"`` in the official code's form and ``"before"``
+    otherwise; the phase defaults to 0 for ``"before"`` and ``update_every - 1``
+    for ``"after"``. Training loops use it to pick the refresh steps.
+    """
+    _, _, phase = _resolve(
+        official_code_form, 1.0, hessian_update_order, refresh_phase, update_every
+    )
+    return int(phase)
 
 
 class SophiaStepFns(NamedTuple):

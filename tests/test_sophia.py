@@ -792,3 +792,22 @@ def test_harness_hutchinson_precond(check):
 @pytest.mark.parametrize("check", ["state_structure", "compiles_once", "dtypes", "sharding"])
 def test_harness_clip_by_ratio(check):
     harness.run_check(check, ot.clip_by_ratio, {"report_win_rate": True})
+
+
+@pytest.mark.parametrize(
+    "kwargs, phase",
+    [
+        ({}, 0),
+        ({"official_code_form": True}, 9),
+        ({"hessian_update_order": "after"}, 9),
+        ({"official_code_form": True, "hessian_update_order": "before"}, 0),
+        ({"refresh_phase": 2}, 2),
+    ],
+)
+def test_resolve_refresh_phase_matches_is_refresh_step(kwargs, phase):
+    from optim_transforms.sophia import is_refresh_step, resolve_refresh_phase
+
+    assert resolve_refresh_phase(10, **kwargs) == phase
+    if "official_code_form" not in kwargs:
+        hits = [i for i in range(30) if is_refresh_step(i, 10, **kwargs)]
+        assert hits == [phase, phase + 10, phase + 20]
