@@ -10,7 +10,13 @@ This package imports jax, optax and numpy only (never flax).
 
 from optim_transforms.apollo import apollo, apollo_mini, norm_growth_limiter, random_proj_scale
 from optim_transforms.came import came, scale_by_came
-from optim_transforms.cautious import cautious_adamw, cautious_lion, cautious_mask
+from optim_transforms.cautious import (
+    cautious_adamw,
+    cautious_lion,
+    cautious_mask,
+    scale_by_cautious_adam,
+    scale_by_cautious_lion,
+)
 from optim_transforms.matrix import (
     MatrixDims,
     default_matrix_dims,
@@ -44,6 +50,8 @@ __all__ = [
     "random_proj_scale",
     "norm_growth_limiter",
     "cautious_mask",
+    "scale_by_cautious_adam",
+    "scale_by_cautious_lion",
     "scale_by_came",
     # Hessian-diagonal estimators for Sophia
     "hutchinson_diag",

@@ -16,7 +16,13 @@ import optax
 
 from optim_transforms.apollo import apollo, apollo_mini, norm_growth_limiter, random_proj_scale
 from optim_transforms.came import came, scale_by_came
-from optim_transforms.cautious import cautious_adamw, cautious_lion, cautious_mask
+from optim_transforms.cautious import (
+    cautious_adamw,
+    cautious_lion,
+    cautious_mask,
+    scale_by_cautious_adam,
+    scale_by_cautious_lion,
+)
 from optim_transforms.sophia import clip_by_ratio, hutchinson_precond, sophia_g, sophia_h
 from optim_transforms.swan import grad_norm, swan, whiten
 
@@ -62,6 +68,8 @@ TRANSFORMS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "random_proj_scale": random_proj_scale,
     "norm_growth_limiter": norm_growth_limiter,
     "cautious_mask": cautious_mask,
+    "scale_by_cautious_adam": scale_by_cautious_adam,
+    "scale_by_cautious_lion": scale_by_cautious_lion,
     "scale_by_came": scale_by_came,
     "scale_by_adam": optax.scale_by_adam,
     "scale_by_lion": optax.scale_by_lion,

@@ -44,8 +44,16 @@ def _masked_adam(**kw):
         (_masked_adam, {}),
         (ot.cautious_adamw, {"learning_rate": 1e-2}),
         (ot.cautious_lion, {"learning_rate": 1e-3}),
+        (ot.scale_by_cautious_adam, {}),
+        (ot.scale_by_cautious_lion, {}),
     ],
-    ids=["mask(scale_by_adam)", "cautious_adamw", "cautious_lion"],
+    ids=[
+        "mask(scale_by_adam)",
+        "cautious_adamw",
+        "cautious_lion",
+        "scale_by_cautious_adam",
+        "scale_by_cautious_lion",
+    ],
 )
 def test_harness(check, factory, hparams):
     harness.run_check(check, factory, hparams)
@@ -530,3 +538,116 @@ def test_parity_pytorch_optimizer_lion_count_plus_one():
     _assert_parity(ours, ref, params0)
     mean_clamp = _run_ours(ot.cautious_lion(lr, b1=b1, b2=b2, weight_decay=wd), params0, grads_seq)
     assert any(np.max(np.abs(a - b)) > 1e-4 for a, b in zip(mean_clamp, ref))
+
+
+# --------------------------------------------------------------------------- fused forms
+
+# (256, 512) reaches the partial-count path (>= 2**16 entries, last axis % 16 == 0);
+# (300, 250) and (7,) take the plain count.
+_FUSED_SHAPES = {"a": (256, 512), "b": (300, 250), "c": (7,)}
+
+
+def _mixed_grads(seed, steps):
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            k: jnp.asarray(rng.normal(size=s) * 10.0 ** rng.uniform(-3, 1), jnp.float32)
+            for k, s in _FUSED_SHAPES.items()
+        }
+        for _ in range(steps)
+    ]
+
+
+def _updates_seq(tx, grads_seq):
+    params = {k: jnp.zeros(s, jnp.float32) for k, s in _FUSED_SHAPES.items()}
+    state, out = tx.init(params), []
+    step = jax.jit(tx.update)
+    for grads in grads_seq:
+        updates, state = step(grads, state, params)
+        out.append(updates)
+    return out, state
+
+
+@pytest.mark.parametrize("normalization", ["mean_clamp", "count_plus_one", "none"])
+def test_count_true_matches_sum(normalization):
+    from optim_transforms.cautious import _count_true
+
+    rng = np.random.default_rng(11)
+    for shape in [*_FUSED_SHAPES.values(), (4, 64, 1024), ()]:
+        pred = jnp.asarray(rng.uniform(size=shape) < 0.37)
+        assert int(jax.jit(_count_true)(pred)) == int(np.sum(np.asarray(pred)))
+
+
+@pytest.mark.parametrize("normalization", ["mean_clamp", "count_plus_one", "none"])
+def test_fused_adam_equals_composition(normalization):
+    grads = _mixed_grads(0, 6)
+    fused, sf = _updates_seq(
+        ot.scale_by_cautious_adam(0.8, 0.95, 1e-6, normalization=normalization), grads
+    )
+    comp, sc = _updates_seq(
+        cautious_mask(optax.scale_by_adam(0.8, 0.95, 1e-6), normalization=normalization), grads
+    )
+    for uf, uc in zip(fused, comp, strict=True):
+        for k in _FUSED_SHAPES:
+            np.testing.assert_array_equal(np.asarray(uf[k]), np.asarray(uc[k]))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), sf, sc)
+    assert type(sf) is type(sc)
+
+
+@pytest.mark.parametrize("normalization", ["mean_clamp", "count_plus_one"])
+def test_fused_lion_equals_composition(normalization):
+    """Static betas read the direction off the new momentum: equal up to sign flips where
+    b1*m + (1-b1)*g is within rounding of 0 (none expected on these inputs)."""
+    b1, b2 = 0.9, 0.99
+    grads = _mixed_grads(1, 6)
+    fused, sf = _updates_seq(ot.scale_by_cautious_lion(b1, b2, normalization=normalization), grads)
+    comp, sc = _updates_seq(
+        cautious_mask(optax.scale_by_lion(b1, b2), normalization=normalization), grads
+    )
+    n_diff = 0
+    for uf, uc in zip(fused, comp, strict=True):
+        for k in _FUSED_SHAPES:
+            n_diff += int(np.sum(np.asarray(uf[k]) != np.asarray(uc[k])))
+    assert n_diff == 0
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), sf, sc)
+
+
+def test_fused_lion_traced_betas_equal_composition():
+    grads = _mixed_grads(2, 4)
+    fused, _ = _updates_seq(
+        optax.inject_hyperparams(ot.scale_by_cautious_lion)(b1=0.9, b2=0.99), grads
+    )
+    comp, _ = _updates_seq(cautious_mask(optax.scale_by_lion(0.9, 0.99)), grads)
+    for uf, uc in zip(fused, comp, strict=True):
+        for k in _FUSED_SHAPES:
+            np.testing.assert_array_equal(np.asarray(uf[k]), np.asarray(uc[k]))
+
+
+def test_fused_lion_zero_b2_uses_direct_form():
+    """b2 = 0 leaves no old momentum in the new one: the direct form must be used."""
+    grads = _mixed_grads(3, 3)
+    fused, _ = _updates_seq(ot.scale_by_cautious_lion(0.9, 0.0), grads)
+    comp, _ = _updates_seq(cautious_mask(optax.scale_by_lion(0.9, 0.0)), grads)
+    for uf, uc in zip(fused, comp, strict=True):
+        np.testing.assert_array_equal(np.asarray(uf["a"]), np.asarray(uc["a"]))
+
+
+@pytest.mark.parametrize(
+    "factory", [ot.cautious_adamw, ot.cautious_lion], ids=["cautious_adamw", "cautious_lion"]
+)
+def test_fused_step_has_no_full_size_temporary(factory):
+    """The donated update + apply_updates compiles without a full-size temporary.
+
+    Before the fused forms XLA:CPU kept 2 (C-AdamW) or 2 (C-Lion: a copy of the
+    momentum + the mask) full-size buffers per leaf, page-faulted in on every step.
+    """
+    params = {"w": jnp.zeros((512, 1024), jnp.float32)}
+    tx = factory(1e-3)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp <= params["w"].nbytes // 8, temp
