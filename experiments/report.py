@@ -10,6 +10,8 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
+import jax
+
 __all__ = ["write_report", "plot_curves", "format_bytes"]
 
 
@@ -107,7 +109,13 @@ def write_report(
       data: the `TokenizedCorpus`.
       command: the command line, recorded in the report.
       notes: extra lines (skipped optimizers, sweep choices, ...).
+
+    Returns:
+      The path of ``report.md``. In a multi-process run only process 0 writes
+      (every process holds the same results); the others return the path.
     """
+    if jax.process_index() != 0:
+        return out_dir / "report.md"
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot_curves(results, out_dir)
     groups: dict[str, list[Any]] = defaultdict(list)

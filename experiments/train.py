@@ -201,10 +201,17 @@ class RunResult:
 
 
 class MetricsWriter:
-    """Appends JSON lines (and TensorBoard scalars when tensorboardX is installed)."""
+    """Appends JSON lines (and TensorBoard scalars when tensorboardX is installed).
+
+    In a multi-process run only process 0 writes (the metrics are global); on
+    the other processes every method is a no-op.
+    """
 
     def __init__(self, path: pathlib.Path, *, run: str, truncate_after: int | None = None):
         self.path, self.run = path, run
+        self._f = self._tb = None
+        if jax.process_index() != 0:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after is not None and path.exists():
             # On resume, drop what the interrupted run logged after its checkpoint.
@@ -228,6 +235,8 @@ class MetricsWriter:
             pass
 
     def write(self, record: dict[str, Any]) -> None:
+        if self._f is None:
+            return
         record = {"run": self.run, **record}
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
@@ -237,7 +246,8 @@ class MetricsWriter:
                     self._tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
         if self._tb is not None:
             self._tb.close()
 

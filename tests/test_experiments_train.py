@@ -209,3 +209,22 @@ def test_ten_step_compare_writes_report_jsonl_and_plots(setup):
         assert mine[-1]["summary"]["val_loss"] < mine[0]["val_loss"]  # it learned something
     results = json.loads((out / "results.json").read_text())
     assert [x["label"] for x in results["runs"]] == ["adamw", "swan"]
+
+
+def test_metrics_writer_writes_on_process_zero_only(tmp_path, monkeypatch):
+    import jax
+
+    from experiments.train import MetricsWriter
+
+    path = tmp_path / "metrics.jsonl"
+    w = MetricsWriter(path, run="r")
+    w.write({"step": 1, "loss": 2.0})
+    w.close()
+    assert json.loads(path.read_text())["loss"] == 2.0
+
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    other = tmp_path / "other.jsonl"
+    w = MetricsWriter(other, run="r")
+    w.write({"step": 1, "loss": 2.0})
+    w.close()
+    assert not other.exists()
