@@ -165,12 +165,17 @@ def _sample_projection(
     return p / jnp.sqrt(jnp.float32(rank))
 
 
-def _limit(u: jax.Array, prev: jax.Array, first: jax.Array, gamma: Any):
-    """Norm-growth limiter on one slice: ``||u_t|| <= gamma * ||u_{t-1}||`` (Frobenius norm)."""
-    norm = jnp.linalg.norm(u)
+def _limit_factor(norm: jax.Array, prev: jax.Array, first: jax.Array, gamma: Any):
+    """Norm-growth limiter for an update of norm ``norm``: ``(divisor, new prev norm)``."""
     lim = jnp.maximum(norm / (prev + _NORM_EPS), gamma) / gamma
     lim = jnp.where(first, jnp.ones_like(lim), lim)
-    return u / lim, norm / lim
+    return lim, norm / lim
+
+
+def _limit(u: jax.Array, prev: jax.Array, first: jax.Array, gamma: Any):
+    """Norm-growth limiter on one slice: ``||u_t|| <= gamma * ||u_{t-1}||`` (Frobenius norm)."""
+    lim, new_prev = _limit_factor(jnp.linalg.norm(u), prev, first, gamma)
+    return u / lim, new_prev
 
 
 def _bias_correction(b1: Any, b2: Any, t: jax.Array) -> jax.Array:
@@ -322,47 +327,77 @@ def random_proj_scale(
         sqrt_scale = jnp.sqrt(jnp.asarray(scale, jnp.float32))
         bc = _bias_correction(b1, b2, t) if bias_correction else jnp.float32(1.0)
 
-        def slice_fn(g, p, mu, nu, prev, compress_in):
-            r_vec = g @ p.T if compress_in else p.T @ g
-            mu = b1 * mu + (1.0 - b1) * r_vec
-            nu = b2 * nu + (1.0 - b2) * r_vec * r_vec
-            r_adam = mu / (jnp.sqrt(nu) + eps)
-            if channel:
-                ax = 1 if compress_in else 0
-                s = jnp.linalg.norm(r_adam, axis=ax) / (jnp.linalg.norm(r_vec, axis=ax) + _NORM_EPS)
-                u = g * (s[:, None] if compress_in else s[None, :])
-            else:
-                u = g * (jnp.linalg.norm(r_adam) / (jnp.linalg.norm(r_vec) + _NORM_EPS))
-            if scale_front:
-                u = u * sqrt_scale
-            if norm_growth_gamma is not None:
-                u, prev = _limit(u, prev, first, norm_growth_gamma)
-            if not scale_front:
-                u = u * sqrt_scale
-            return u * bc, mu, nu, prev
-
         def leaf(path, d, g, mom, prev):
+            # Everything is computed in the param's own layout (moments in
+            # their storage layout), never on the transposed matrix view: XLA
+            # would materialize transposes of G and of the moments, and for
+            # r = 1 run the projection as a strided loop. The projection R is
+            # one einsum over the compressed axes; a per-channel scale then has
+            # the moments' shape with the rank axis reduced to 1, which
+            # broadcasts against G. U = G * s is never formed before the final
+            # product: the limiter's norm is ||G * s|| = sqrt(sum_c s_c^2
+            # ||G_c||^2) over the scale's channels c (= s ||G|| for one
+            # tensor-wise s), so G is read by the projection, one sum of squares
+            # and the final ``G * coef`` (fused with the caller's ops), and no
+            # full-size temporary is materialized.
             if d is None or isinstance(g, optax.MaskedNode):
                 return g, mom, prev
             plan = _plan(g.shape, d)
-            gm = to_matrix(g, d).astype(jnp.float32)
-            mu, nu = to_matrix(mom.mu, d), to_matrix(mom.nu, d)
-            r = mu.shape[2] if plan.compress_in else mu.shape[1]
-            b = gm.shape[0]
+            red, outs = tuple(d.reduction_axes), tuple(d.output_axes)
+            batch = tuple(a for a in range(g.ndim) if a not in red + outs)
+            comp = red if plan.compress_in else outs  # compressed axes
+            rax = comp[0]  # the rank axis of the stored moments
+            r = mom.mu.shape[rax]
+            bshape = tuple(g.shape[a] for a in batch)
+            b = math.prod(bshape)
             pshape = (b, r, plan.n) if plan.compress_in else (b, plan.m, r)
             name = path_names(path)
             if proj_fn is None:
                 p = _sample_projection(state.key, name, block, pshape, r)
             else:
                 p = jnp.asarray(proj_fn(name, block, pshape), jnp.float32).reshape(pshape)
-            prev_b = jnp.zeros((b,), jnp.float32) if prev is None else prev.reshape(b)
-            u, mu, nu, prev_b = jax.vmap(
-                lambda *a: slice_fn(*a, plan.compress_in), in_axes=(0, 0, 0, 0, 0)
-            )(gm, p, mu, nu, prev_b)
-            mshape = mom.mu.shape
-            new_mom = LowRankMoments(from_matrix(mu, d, mshape), from_matrix(nu, d, mshape))
-            new_prev = None if prev is None else prev_b.reshape(plan.batch_shape)
-            return from_matrix(u, d, g.shape).astype(g.dtype), new_mom, new_prev
+            # P's matrix-view axes: (batch, r, in) or (batch, out, r), the
+            # flattened sides in `MatrixDims` order (as `to_matrix`).
+            lab = [chr(ord("a") + a) for a in range(g.ndim)]
+            bl = "".join(lab[a] for a in batch)
+            cl = "".join(lab[a] for a in comp)
+            cshape = tuple(g.shape[a] for a in comp)
+            if plan.compress_in:
+                p, pl = p.reshape(bshape + (r,) + cshape), bl + "Z" + cl
+            else:
+                p, pl = p.reshape(bshape + cshape + (r,)), bl + cl + "Z"
+            ml = "".join("Z" if a == rax else "" if a in comp else lab[a] for a in range(g.ndim))
+            g32 = g.astype(jnp.float32)
+            kept_first = min((a for a in range(g.ndim) if a not in comp), default=g.ndim)
+            if rax < kept_first:
+                r_vec = jnp.einsum(f"{pl},{''.join(lab)}->{ml}", p, g32)
+            else:
+                r_vec = jnp.einsum(f"{''.join(lab)},{pl}->{ml}", g32, p)
+            r_vec = r_vec.reshape(mom.mu.shape)
+            mu = b1 * mom.mu + (1.0 - b1) * r_vec
+            nu = b2 * mom.nu + (1.0 - b2) * r_vec * r_vec
+            r_adam = mu / (jnp.sqrt(nu) + eps)
+            nb = tuple(a for a in range(g.ndim) if a not in batch)  # one slice
+
+            def norm(x, axes):
+                return jnp.sqrt(jnp.sum(x * x, axis=axes, keepdims=True))
+
+            s_axes = (rax,) if channel else nb
+            coef = norm(r_adam, s_axes) / (norm(r_vec, s_axes) + _NORM_EPS)
+            if scale_front:
+                coef = coef * sqrt_scale
+            new_prev = None
+            if norm_growth_gamma is not None:
+                u_norm = norm(g32 * coef, nb)
+                lim, new_prev = _limit_factor(
+                    u_norm, prev.reshape(u_norm.shape), first, norm_growth_gamma
+                )
+                coef = coef / lim
+                new_prev = new_prev.reshape(plan.batch_shape)
+            if not scale_front:
+                coef = coef * sqrt_scale
+            coef = coef * bc
+            return (g32 * coef).astype(g.dtype), LowRankMoments(mu, nu), new_prev
 
         out = jax.tree_util.tree_map_with_path(
             lambda path, d, g, mom, prev: leaf(path, d, g, mom, prev),
