@@ -158,3 +158,15 @@ def test_speed_layout_and_targets():
     assert v["came"] == "met"
     assert v["swan"].startswith("met")
     assert v["apollo"] == "not measured"
+
+
+def test_only_keeps_other_sections_of_the_same_mode(tmp_path):
+    import json
+
+    path = tmp_path / "results.json"
+    sections = {"speed": {"status": "ok", "seconds": 3.0}, "peak": {"status": "ok", "seconds": 1.0}}
+    path.write_text(json.dumps({"mode": "quick", "sections": sections}))
+    kept = run._earlier_sections(path, "quick", keep={"speed"}, log=lambda s: None)
+    assert kept == {"speed": sections["speed"]}
+    assert run._earlier_sections(path, "full", keep={"speed"}, log=lambda s: None) == {}
+    assert run._earlier_sections(tmp_path / "none.json", "quick", {"speed"}, lambda s: None) == {}

@@ -102,7 +102,11 @@ def render(results: dict[str, Any], info: dict[str, str], mode: str, page: pathl
         "",
         *(f"- {k}: {v}" for k, v in info.items()),
         f"- mode: {mode}; section wall times: "
-        + ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in results.items()),
+        + ", ".join(
+            f"{k} {v['seconds']:.0f}s"
+            + (f" (measured {v['measured_at']})" if "measured_at" in v else "")
+            for k, v in results.items()
+        ),
         "",
     ]
     titles = {
@@ -135,6 +139,21 @@ def render(results: dict[str, Any], info: dict[str, str], mode: str, page: pathl
     return "\n".join(lines)
 
 
+def _earlier_sections(
+    path: pathlib.Path, mode: str, keep: set[str], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Sections in ``keep`` from an earlier run of the same mode (``--only`` reruns the rest)."""
+    if not keep or not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    if earlier.get("mode") != mode:
+        return {}
+    sections = {k: v for k, v in earlier.get("sections", {}).items() if k in keep}
+    if sections:
+        log(f"[bench] keeping {', '.join(sections)} from the earlier {mode} run in {path}")
+    return sections
+
+
 def main(argv: list[str] | None = None) -> pathlib.Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="reduced run (< 10 min on 2 cores)")
@@ -158,11 +177,12 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         "convergence": lambda: convergence.run(out / "convergence", quick=args.quick),
     }
     page = pathlib.Path(args.page)
-    results: dict[str, Any] = {}
+    results = _earlier_sections(out / "results.json", mode, keep=set(jobs) - only, log=log)
     for key, fn in jobs.items():
         if key not in only:
             continue
         results[key] = _section(key, fn, log)
+        results[key]["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         # Written after every section, so an interrupted run keeps what it measured.
         (out / "results.json").write_text(
             json.dumps({"machine": info, "mode": mode, "sections": results}, indent=1, default=str)
