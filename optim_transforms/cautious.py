@@ -40,17 +40,20 @@ def _validate(normalization: str, min_fraction: Any) -> None:
 # A count of a full-size predicate is a reduction: XLA:CPU (jax 0.10) does not
 # fuse a compare into a float reduce, so a plain ``mean(phi)`` materializes
 # ``phi`` (a full-size temporary, page-faulted in on every call). An int32 sum
-# over a trailing axis of 16 does fuse its producer; only the 16x smaller
-# partial sums are materialized (the barrier stops XLA from merging the two
-# reduces back into one).
-_PARTIAL = 16
+# over a trailing axis of at most 32 does fuse its producer (from 64 on, XLA
+# rewrites it into a tree reduction that does not); only the 32x smaller partial
+# sums are materialized, and the barrier stops XLA from merging the two reduces
+# back into one. Measured on a 4096 x 8192 leaf: as fast as a fused float sum
+# of ``m * g``; partial axes of 16 and 8 are 8% and 45% slower.
+_PARTIAL = (32, 16, 8)
 
 
 def _count_true(pred: jax.Array) -> jax.Array:
     """Number of ``True`` entries of ``pred`` over all its axes, as int32."""
-    if pred.ndim == 0 or pred.shape[-1] % _PARTIAL or pred.size < 2**16:
+    k = next((k for k in _PARTIAL if pred.ndim and pred.shape[-1] % k == 0), None)
+    if k is None or pred.size < 2**16:
         return jnp.sum(pred, dtype=jnp.int32)
-    split = pred.reshape(pred.shape[:-1] + (pred.shape[-1] // _PARTIAL, _PARTIAL))
+    split = pred.reshape(pred.shape[:-1] + (pred.shape[-1] // k, k))
     partial = jax.lax.optimization_barrier(jnp.sum(split, axis=-1, dtype=jnp.int32))
     return jnp.sum(partial, dtype=jnp.int32)
 

@@ -542,7 +542,7 @@ def test_parity_pytorch_optimizer_lion_count_plus_one():
 
 # --------------------------------------------------------------------------- fused forms
 
-# (256, 512) reaches the partial-count path (>= 2**16 entries, last axis % 16 == 0);
+# (256, 512) reaches the partial-count path (>= 2**16 entries, last axis % 32 == 0);
 # (300, 250) and (7,) take the plain count.
 _FUSED_SHAPES = {"a": (256, 512), "b": (300, 250), "c": (7,)}
 
@@ -568,12 +568,11 @@ def _updates_seq(tx, grads_seq):
     return out, state
 
 
-@pytest.mark.parametrize("normalization", ["mean_clamp", "count_plus_one", "none"])
-def test_count_true_matches_sum(normalization):
+def test_count_true_matches_sum():
     from optim_transforms.cautious import _count_true
 
     rng = np.random.default_rng(11)
-    for shape in [*_FUSED_SHAPES.values(), (4, 64, 1024), ()]:
+    for shape in [*_FUSED_SHAPES.values(), (4, 64, 1024), (512, 144), (1024, 72), ()]:
         pred = jnp.asarray(rng.uniform(size=shape) < 0.37)
         assert int(jax.jit(_count_true)(pred)) == int(np.sum(np.asarray(pred)))
 
