@@ -226,7 +226,6 @@ class MetricsWriter:
             ]
             path.write_text("".join(k + "\n" for k in kept))
         self._f = open(path, "a")
-        self._tb = None
         try:
             from tensorboardX import SummaryWriter
 

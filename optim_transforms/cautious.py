@@ -33,7 +33,7 @@ def _validate(normalization: str, min_fraction: Any) -> None:
     value = V._concrete(min_fraction)  # 0-d arrays come from inject_hyperparams
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+    if not V._is_number(value) or not 0.0 < value <= 1.0:
         raise ValueError(f"cautious_mask: min_fraction={min_fraction!r} must be in (0, 1]")
 
 
@@ -192,10 +192,6 @@ def scale_by_cautious_adam(
     return optax.GradientTransformation(adam.init, update_fn)
 
 
-def _static_positive(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
-
-
 def scale_by_cautious_lion(
     b1: float = 0.95,
     b2: float = 0.98,
@@ -228,7 +224,7 @@ def scale_by_cautious_lion(
     """
     _validate(normalization, min_fraction)
     lion = optax.scale_by_lion(b1=b1, b2=b2)
-    from_new = _static_positive(b2) and isinstance(b1, (int, float))
+    from_new = V._is_number(b1) and V._is_number(b2) and b2 > 0
 
     def update_fn(updates, state, params=None):
         del params

@@ -650,3 +650,15 @@ def test_fused_step_has_no_full_size_temporary(factory):
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp <= params["w"].nbytes // 8, temp
+
+
+def test_fused_adam_keeps_state_dtypes_under_injected_betas():
+    """Injected betas leave the bfloat16 moments bfloat16, as in optax.scale_by_adam."""
+    params = {"w": jnp.zeros((8, 4), jnp.bfloat16)}
+    grads = {"w": jnp.ones((8, 4), jnp.bfloat16)}
+    for make in (ot.scale_by_cautious_adam, optax.scale_by_adam):
+        tx = optax.inject_hyperparams(make)(b1=0.9, b2=0.99)
+        state = tx.init(params)
+        _, new_state = tx.update(grads, state, params)
+        assert new_state.inner_state.mu["w"].dtype == jnp.bfloat16, make
+        assert new_state.inner_state.nu["w"].dtype == jnp.bfloat16, make
