@@ -53,7 +53,7 @@ from optim_transforms.matrix import DimsSpec, MatrixDims, matrix_dims_tree
 
 __all__ = ["ScaleByCameState", "scale_by_came", "came"]
 
-_SQUARE_CAP = 1e30  # see update_leaf
+_SQUARE_CAP = 1e30  # see factored_leaf
 
 
 class ScaleByCameState(NamedTuple):
@@ -124,34 +124,100 @@ def _stat_shape(shape: tuple[int, ...], axes: tuple[int, ...], keepdims: bool) -
     return tuple(s for i, s in enumerate(shape) if i not in axes)
 
 
-# None: mean over one trailing axis as a matrix-vector product on CPU, as a reduction
-# elsewhere. XLA:CPU runs the two sibling reductions of a (large) matrix several times
-# slower than matvecs with a ones vector (measured: the whole CAME step on a
-# LLaMA-130M tree went from 5.0x to 3.5x optax.adamw). Results agree to fp32 rounding.
-# Tests set True / False to cover both paths.
-_MATVEC_MEANS: bool | None = None
+# XLA:CPU (jax 0.10) and the factored means. Its fused ("ynn") reductions compute a
+# cheap elementwise expression of the leaf while reading it once, but only while that
+# expression has no other user: two sibling means of ``G**2``, or the RMS of ``u``
+# that the momentum update also reads, make XLA write the expression to a fresh
+# full-size temporary every step, and on CPU the page faults on that memory cost more
+# than the arithmetic (the whole CAME step on a LLaMA-130M tree had 512 MiB of such
+# temporaries). So on CPU every full-size reduction gets private inputs (`_Private`)
+# and recomputes its cheap expression from the leaf and small vectors (measured on
+# that tree: 3.58x -> 2.24x the time of optax.adamw, temporaries 512 -> 6.6 MiB);
+# elsewhere (GPU/TPU fuse sibling reductions) nothing changes. Tests set True / False
+# to cover both paths.
+_PRIVATE_INPUTS: bool | None = None
+
+# XLA:CPU reduces over the second-to-last axis slowly once the kept last axis is wider
+# than this (measured on a 768 x 32000 LM head: ~100 ms instead of ~5 ms for the same
+# reads); such column means are taken over column blocks of `_COL_CHUNK` in a loop.
+_COL_CHUNK_LIMIT = 16384
+_COL_CHUNK = 1024
 
 
-def _mean(x: jax.Array, axes: tuple[int, ...], plan: _Plan) -> jax.Array:
-    """Mean of ``x`` over ``axes`` (dropped, or kept with size 1 per ``plan``)."""
-    use_matvec = _MATVEC_MEANS if _MATVEC_MEANS is not None else jax.default_backend() == "cpu"
-    if use_matvec and not plan.keepdims and len(axes) == 1 and axes[0] >= x.ndim - 2:
-        hi = jax.lax.Precision.HIGHEST
-        if axes[0] == x.ndim - 1:
-            ones = jnp.ones((x.shape[-1],), x.dtype)
-            return jnp.matmul(x, ones, precision=hi) / x.shape[-1]
-        ones = jnp.ones((x.shape[-2],), x.dtype)
-        return jnp.einsum("...ij,i->...j", x, ones, precision=hi) / x.shape[-2]
-    return jnp.mean(x, axis=axes, keepdims=plan.keepdims)
+class _Private:
+    """Hands out private copies of a leaf's inputs, one set per reduction.
+
+    Each call routes ``g`` and the given small arrays through an
+    ``optimization_barrier`` chained on the previous one, so CSE cannot merge
+    the expressions built from them and each reduction fuses its own producer.
+    The barriers are identities: values, and so results, do not change.
+    """
+
+    def __init__(self, g: jax.Array, enabled: bool):
+        self._g, self.enabled = g, enabled
+
+    def __call__(self, *xs: Any) -> tuple[jax.Array, ...]:
+        if not self.enabled:
+            return (self._g, *xs)
+        self._g, *xs = jax.lax.optimization_barrier((self._g, *xs))
+        return (self._g, *xs)
 
 
-def _inv_sqrt_factored(row: jax.Array, col: jax.Array, plan: _Plan) -> jax.Array:
-    """``1 / sqrt(row colᵀ / mean(row))`` broadcast to the leaf's shape.
+def _chunked_col_sum(fn: Any, args: tuple[Any, ...], shape: tuple[int, ...]) -> jax.Array:
+    """``sum(fn(*args), axis=-2)`` over column blocks of width `_COL_CHUNK` in a loop.
+
+    ``args`` broadcast to ``shape``; those whose last axis has the leaf's width
+    are sliced per block, the others (scalars, column-constant vectors) are used
+    whole.
+    """
+    n = shape[-1]
+    count, tail = divmod(n, _COL_CHUNK)
+
+    def block(start, size):
+        sliced = [
+            jax.lax.dynamic_slice_in_dim(a, start, size, axis=-1)
+            if jnp.ndim(a) == len(shape) and jnp.shape(a)[-1] == n
+            else a
+            for a in args
+        ]
+        return jnp.sum(fn(*sliced), axis=-2)
+
+    def body(i, acc):
+        start = i * _COL_CHUNK
+        return jax.lax.dynamic_update_slice_in_dim(acc, block(start, _COL_CHUNK), start, axis=-1)
+
+    acc = jax.lax.fori_loop(0, count, body, jnp.zeros(shape[:-2] + (n,), jnp.float32))
+    if tail:
+        acc = jax.lax.dynamic_update_slice_in_dim(
+            acc, block(count * _COL_CHUNK, tail), count * _COL_CHUNK, axis=-1
+        )
+    return acc
+
+
+def _factored_mean(
+    fn: Any, axes: tuple[int, ...], plan: _Plan, private: _Private, *xs: Any
+) -> jax.Array:
+    """Mean of ``fn(g, *xs)`` over ``axes`` (dropped, or kept with size 1 per ``plan``)."""
+    g, *xs = private(*xs)
+    shape = g.shape
+    count = math.prod(shape[a] for a in axes)
+    if (
+        private.enabled
+        and not plan.keepdims
+        and axes == (len(shape) - 2,)
+        and shape[-1] > _COL_CHUNK_LIMIT
+    ):
+        return _chunked_col_sum(fn, (g, *xs), shape) / count
+    return jnp.sum(fn(g, *xs), axis=axes, keepdims=plan.keepdims) / count
+
+
+def _inv_sqrt_factors(row: jax.Array, col: jax.Array, plan: _Plan) -> tuple[jax.Array, jax.Array]:
+    """The two factors of ``1 / sqrt(row colᵀ / mean(row))``, broadcastable to the leaf.
 
     ``mean(row)`` averages the row statistic over the output axes (one value
-    per batch slice). Returns the outer product of the two rsqrt factors,
-    ``rsqrt(row / mean(row))`` expanded over ``red`` times ``rsqrt(col)``
-    expanded over ``out``; only that rank-1 product is formed, never ``V̂``.
+    per batch slice). Returns ``rsqrt(row / mean(row))`` expanded over ``red``
+    and ``rsqrt(col)`` expanded over ``out``; their product is the rank-1
+    matrix, and ``V̂`` itself is never formed.
     """
     row_k = row if plan.keepdims else jnp.expand_dims(row, plan.red)
     col_k = col if plan.keepdims else jnp.expand_dims(col, plan.out)
@@ -160,7 +226,7 @@ def _inv_sqrt_factored(row: jax.Array, col: jax.Array, plan: _Plan) -> jax.Array
     # rsqrt gives inf (then NaN); clamp at the smallest normal float32, which
     # changes nothing whenever the ratio is representable.
     r_factor = jax.lax.rsqrt(jnp.maximum(ratio, jnp.finfo(jnp.float32).tiny))
-    return r_factor * jax.lax.rsqrt(col_k)
+    return r_factor, jax.lax.rsqrt(col_k)
 
 
 def _rms(x: jax.Array) -> jax.Array:
@@ -257,30 +323,64 @@ def scale_by_came(
         fields = zip(*per_leaf) if per_leaf else [()] * len(ScaleByCameState._fields)
         return ScaleByCameState(*(treedef.unflatten(list(f)) for f in fields))
 
+    def dense_leaf(g_in, g, mu, nu):
+        # g*g overflows float32 for |g| > 1.8e19; capping the square at 1e30 (see
+        # factored_leaf) changes nothing for |g| <= 1e15 and keeps the update finite.
+        nu = b2 * nu + (1.0 - b2) * (jnp.minimum(g * g, _SQUARE_CAP) + eps1)
+        u = jax.lax.rsqrt(nu) * g
+        u = u / jnp.maximum(_rms(u) / clip_threshold, 1.0)
+        mu = b1 * mu + (1.0 - b1) * u
+        return mu.astype(g_in.dtype), mu, None, None, nu, None, None
+
+    def factored_leaf(g_in, g, plan, mu, nu_row, nu_col, res_row, res_col):
+        # Every full-size expression is recomputed by each consumer from g, mu and
+        # small vectors (see _PRIVATE_INPUTS); only mu and the step are written.
+        # Constants are applied to the means, not to every element (fewer operations
+        # inside the fused reductions): mean(min(G², cap) + eps1) becomes
+        # min(mean(G²), cap) + eps1, equal unless some |g| > 1e15, where the cap only
+        # keeps the statistics finite (g*g overflows float32 for |g| > 1.8e19 and
+        # r cᵀ / mean(r) would give inf/inf = NaN).
+        enabled = _PRIVATE_INPUTS if _PRIVATE_INPUTS is not None else jax.default_backend() == "cpu"
+        private = _Private(g, enabled)
+
+        def square(g):
+            return g * g
+
+        def q_mean(axes):
+            return jnp.minimum(_factored_mean(square, axes, plan, private), _SQUARE_CAP) + eps1
+
+        nu_row = b2 * nu_row + (1.0 - b2) * q_mean(plan.red)
+        nu_col = b2 * nu_col + (1.0 - b2) * q_mean(plan.out)
+        r_f, c_f = _inv_sqrt_factors(nu_row, nu_col, plan)
+
+        def scaled(g, r, c):  # u = G * r cᵀ (r, c broadcast over the leaf)
+            return g * r * c
+
+        g_p, r_p, c_p = private(r_f, c_f)
+        rms = jnp.sqrt(jnp.sum(jnp.square(scaled(g_p, r_p, c_p)))) / math.sqrt(max(g.size, 1))
+        r_u = r_f / jnp.maximum(rms / clip_threshold, 1.0)  # the clip, folded into r
+        mu = b1 * mu + (1.0 - b1) * scaled(g, r_u, c_f)
+        if not confidence:
+            return mu.astype(g_in.dtype), mu, nu_row, nu_col, None, res_row, res_col
+
+        def instability(g, m, r, c):  # (u - m)**2 with the updated m
+            return jnp.square(scaled(g, r, c) - m)
+
+        def res_mean(axes):
+            return _factored_mean(instability, axes, plan, private, mu, r_u, c_f) + eps2
+
+        res_row = b3 * res_row + (1.0 - b3) * res_mean(plan.red)
+        res_col = b3 * res_col + (1.0 - b3) * res_mean(plan.out)
+        r_s, c_s = _inv_sqrt_factors(res_row, res_col, plan)
+        step = mu * r_s * c_s
+        return step.astype(g_in.dtype), mu, nu_row, nu_col, None, res_row, res_col
+
     def update_leaf(g_in, plan, mu, nu_row, nu_col, nu, res_row, res_col):
         g_in = jnp.asarray(g_in)
         g = g_in.astype(jnp.float32)
-        # g*g overflows float32 for |g| > 1.8e19 and the factored ratio r c / mean(r)
-        # then gives inf/inf = NaN (found by tests/test_reliability.py). Capping the
-        # square at 1e30 changes nothing for |g| <= 1e15 and keeps the update finite.
-        q = jnp.minimum(g * g, _SQUARE_CAP) + eps1
         if plan is None:
-            nu = b2 * nu + (1.0 - b2) * q
-            u = jax.lax.rsqrt(nu) * g
-        else:
-            nu_row = b2 * nu_row + (1.0 - b2) * _mean(q, plan.red, plan)
-            nu_col = b2 * nu_col + (1.0 - b2) * _mean(q, plan.out, plan)
-            u = _inv_sqrt_factored(nu_row, nu_col, plan) * g
-        u = u / jnp.maximum(_rms(u) / clip_threshold, 1.0)
-        mu = b1 * mu + (1.0 - b1) * u
-        if plan is None or not confidence:
-            step = mu
-        else:
-            res = jnp.square(u - mu) + eps2
-            res_row = b3 * res_row + (1.0 - b3) * _mean(res, plan.red, plan)
-            res_col = b3 * res_col + (1.0 - b3) * _mean(res, plan.out, plan)
-            step = _inv_sqrt_factored(res_row, res_col, plan) * mu
-        return step.astype(g_in.dtype), mu, nu_row, nu_col, nu, res_row, res_col
+            return dense_leaf(g_in, g, mu, nu)
+        return factored_leaf(g_in, g, plan, mu, nu_row, nu_col, res_row, res_col)
 
     def update_fn(updates, state, params=None):
         del params
