@@ -160,13 +160,25 @@ def test_speed_layout_and_targets():
     assert v["apollo"] == "not measured"
 
 
-def test_only_keeps_other_sections_of_the_same_mode(tmp_path):
+def test_only_keeps_other_sections_labelled_with_their_mode(tmp_path):
     import json
 
     path = tmp_path / "results.json"
-    sections = {"speed": {"status": "ok", "seconds": 3.0}, "peak": {"status": "ok", "seconds": 1.0}}
+    sections = {
+        "speed": {"status": "failed: x", "seconds": 3.0},  # written before sections had a mode
+        "peak": {"status": "failed: x", "seconds": 1.0, "mode": "full"},
+    }
     path.write_text(json.dumps({"mode": "quick", "sections": sections}))
-    kept = run._earlier_sections(path, "quick", keep={"speed"}, log=lambda s: None)
-    assert kept == {"speed": sections["speed"]}
-    assert run._earlier_sections(path, "full", keep={"speed"}, log=lambda s: None) == {}
-    assert run._earlier_sections(tmp_path / "none.json", "quick", {"speed"}, lambda s: None) == {}
+    kept = run._earlier_sections(path, keep={"speed", "peak"}, log=lambda s: None)
+    assert kept == {"speed": {**sections["speed"], "mode": "quick"}, "peak": sections["peak"]}
+    assert run._earlier_sections(path, keep={"memory"}, log=lambda s: None) == {}
+    assert run._earlier_sections(tmp_path / "none.json", {"speed"}, lambda s: None) == {}
+    page = run.render(
+        {"memory": {"status": "failed: x", "seconds": 1.0, "mode": "full"}, **kept},
+        {"machine": "m"},
+        "full",
+        tmp_path / "B.md",
+    )
+    assert "`python -m experiments.bench` (full)" in page
+    assert "`python -m experiments.bench --quick` (quick)" in page
+    assert "*quick mode*" in page and "*full mode*" in page
