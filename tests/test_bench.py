@@ -182,3 +182,18 @@ def test_only_keeps_other_sections_labelled_with_their_mode(tmp_path):
     assert "`python -m experiments.bench` (full)" in page
     assert "`python -m experiments.bench --quick` (quick)" in page
     assert "*quick mode*" in page and "*full mode*" in page
+
+
+def test_full_convergence_runs_only_optimizers_with_a_swept_rate(tmp_path):
+    import json
+
+    from experiments.bench import convergence
+
+    table = {"learning_rates": {"adamw": 1e-3, "lion": 1e-4}, "source": {}}
+    table["source"] = {"adamw": "measured 2026-11-23: best of ...", "lion": "prior: paper"}
+    path = tmp_path / "lr.json"
+    path.write_text(json.dumps(table))
+    names, skipped = convergence.swept_names(path)
+    assert names == ["adamw"]
+    assert skipped["lion"] == "not run: learning rate not swept (prior: paper, lr.json)"
+    assert set(skipped) | {"adamw"} == set(common.optimizer_names())

@@ -2,9 +2,10 @@
 
 Runs ``python -m experiments.compare`` in a subprocess (its own memory and
 compilation caches) on the embedded corpus with fixed tokens, every
-implemented registry optimizer at its peak learning rate from the committed
-table ``experiments/lr_table.json`` (a factor-2 sweep: ``compare --sweep``;
-``--quick``: compare's default set of optimizers, short runs), and reads
+implemented registry optimizer whose peak learning rate in the committed
+table ``experiments/lr_table.json`` was measured by a factor-2 sweep
+(``compare --sweep``; optimizers with only a prior rate are listed as not
+run; ``--quick``: compare's default set of optimizers, short runs), and reads
 back ``results.json``: final validation loss mean ± std over seeds and the
 loss-curve PNGs that compare writes.
 
@@ -38,6 +39,22 @@ QUICK: dict[str, Any] = {
     "eval_every": 20,
     "eval_batches": 4,
 }
+
+
+def swept_names(table_path: pathlib.Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """``(names, {name: why not})``: registry optimizers with a swept learning rate."""
+    from experiments.cli import LR_TABLE_PATH
+
+    path = table_path or LR_TABLE_PATH
+    source = json.loads(path.read_text()).get("source", {})
+    names, skipped = [], {}
+    for n in common.optimizer_names():
+        if str(source.get(n, "")).startswith("measured"):
+            names.append(n)
+        else:
+            why = source.get(n, "absent")
+            skipped[n] = f"not run: learning rate not swept ({why}, {path.name})"
+    return names, skipped
 
 
 def available_names(names: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
@@ -91,11 +108,15 @@ def run(
 ) -> dict[str, Any]:
     """Runs compare (see module doc); returns the summary and where the plots are."""
     settings = dict(QUICK if quick else FULL)
+    skipped: dict[str, str] = {}
     if names is None and quick:
         from experiments.compare import DEFAULT_OPTIMIZERS
 
         names = list(DEFAULT_OPTIMIZERS)
+    elif names is None:
+        names, skipped = swept_names()
     ok, missing = available_names(names)
+    missing.update(skipped)
     res: dict[str, Any] = {"settings": settings, "missing": missing, "out": str(out)}
     if not ok:
         res["error"] = "no implemented optimizer"
@@ -155,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="benchmarks/convergence")
-    ap.add_argument("--opts", default=None, help="comma-separated (default: all implemented)")
+    ap.add_argument("--opts", default=None, help="comma-separated (default: all swept)")
     args = ap.parse_args(argv)
     names = args.opts.split(",") if args.opts else None
     res = run(pathlib.Path(args.out), quick=args.quick, names=names)
