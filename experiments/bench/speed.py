@@ -240,6 +240,9 @@ def torch_candidates(tree: Any) -> list[Candidate]:
     def opt_candidate(name, make, note="", state_ratio=2.0):
         def setup():
             opt = make()
+            # PyTorch creates optimizer state in the first step; take it here, so that
+            # the warm-up call (a sample when it is slow) is a steady-state step.
+            opt.step()
 
             def call():
                 opt.step()
