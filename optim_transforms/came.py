@@ -357,7 +357,7 @@ def scale_by_came(
             return g * r * c
 
         g_p, r_p, c_p = private(r_f, c_f)
-        rms = jnp.sqrt(jnp.sum(jnp.square(scaled(g_p, r_p, c_p)))) / math.sqrt(max(g.size, 1))
+        rms = _rms(scaled(g_p, r_p, c_p))
         r_u = r_f / jnp.maximum(rms / clip_threshold, 1.0)  # the clip, folded into r
         mu = b1 * mu + (1.0 - b1) * scaled(g, r_u, c_f)
         if not confidence:

@@ -143,6 +143,25 @@ def test_speed_torch_references_import_and_step():
     assert not failed
 
 
+def test_speed_torch_setup_takes_the_state_allocating_step(monkeypatch):
+    """The first PyTorch step allocates optimizer state, so setup takes it: the
+    warm-up call (the one sample of a slow candidate in quick mode) is step 2."""
+    torch = pytest.importorskip("torch")
+    steps = []
+
+    class Counting(torch.optim.AdamW):
+        def step(self, closure=None):
+            steps.append(len(self.state))  # parameters with state before this step
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Counting)
+    cand = next(c for c in speed.torch_candidates(TINY) if c.name == "torch AdamW foreach")
+    call = cand.setup()
+    assert steps == [0]
+    call()
+    assert len(steps) == 2 and steps[1] == len(jax.tree.leaves(TINY)) > 0
+
+
 def test_speed_layout_and_targets():
     assert speed.torch_layout((768, 2048), "layers/0/mlp/up_proj/kernel") == (2048, 768)
     assert speed.torch_layout((32000, 768), "embed/embedding") == (32000, 768)
@@ -176,7 +195,6 @@ def test_only_keeps_other_sections_labelled_with_their_mode(tmp_path):
     page = run.render(
         {"memory": {"status": "failed: x", "seconds": 1.0, "mode": "full"}, **kept},
         {"machine": "m"},
-        "full",
         tmp_path / "B.md",
     )
     assert "`python -m experiments.bench` (full)" in page

@@ -96,8 +96,9 @@ def _command(mode: str | None) -> str:
     return f"python -m experiments.bench{' --quick' if mode == 'quick' else ''}"
 
 
-def render(results: dict[str, Any], info: dict[str, str], mode: str, page: pathlib.Path) -> str:
-    modes = sorted({v.get("mode") or mode for v in results.values()} or {mode})
+def render(results: dict[str, Any], info: dict[str, str], page: pathlib.Path) -> str:
+    """The page; every section of ``results`` carries the ``mode`` it was measured in."""
+    modes = sorted({v["mode"] for v in results.values()})
     lines = [
         "# Benchmarks",
         "",
@@ -109,7 +110,7 @@ def render(results: dict[str, Any], info: dict[str, str], mode: str, page: pathl
         *(f"- {k}: {v}" for k, v in info.items()),
         "- sections: "
         + ", ".join(
-            f"{k} {v.get('mode') or mode} {v['seconds']:.0f}s"
+            f"{k} {v['mode']} {v['seconds']:.0f}s"
             + (f" (measured {v['measured_at']})" if "measured_at" in v else "")
             for k, v in results.items()
         ),
@@ -132,7 +133,7 @@ def render(results: dict[str, Any], info: dict[str, str], mode: str, page: pathl
             continue
         sec = results[key]
         when = f", measured {sec['measured_at']}" if "measured_at" in sec else ""
-        lines += [f"## {title}", "", f"*{sec.get('mode') or mode} mode{when}*", ""]
+        lines += [f"## {title}", "", f"*{sec['mode']} mode{when}*", ""]
         if sec["status"] != "ok":
             lines += [f"Not measured in this run ({sec['status']}).", ""]
             continue
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         (out / "results.json").write_text(
             json.dumps({"machine": info, "mode": mode, "sections": results}, indent=1, default=str)
         )
-        page.write_text(render(results, info, mode, page))
+        page.write_text(render(results, info, page))
     log(f"[bench] wrote {page} and {out / 'results.json'}")
     return page
 
