@@ -215,3 +215,24 @@ def test_full_convergence_runs_only_optimizers_with_a_swept_rate(tmp_path):
     assert names == ["adamw"]
     assert skipped["lion"] == "not run: learning rate not swept (prior: paper, lr.json)"
     assert set(skipped) | {"adamw"} == set(common.optimizer_names())
+
+
+def test_convergence_command_on_the_page_has_no_absolute_path(tmp_path, monkeypatch):
+    import subprocess
+    import types
+
+    from experiments.bench import convergence
+
+    calls = []
+
+    def fake_run(argv, **kw):
+        calls.append(argv)
+        return types.SimpleNamespace(returncode=1, stderr="", stdout="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    res = convergence.run(tmp_path / "conv", quick=True)
+    assert calls and str(tmp_path) in " ".join(calls[0])  # the real run writes there
+    assert res["command"].startswith("python -m experiments.compare --opts ")
+    words = res["command"].split()
+    shown = words[words.index("--out") + 1]
+    assert not shown.startswith("/") and shown.endswith("conv"), shown

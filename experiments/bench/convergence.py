@@ -26,6 +26,8 @@ from typing import Any
 
 from experiments.bench import common
 
+_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
 __all__ = ["compare_argv", "run", "summarize", "to_markdown", "FULL", "QUICK"]
 
 # compare's own defaults (llama-1m, seq 128, batch 32, 250 steps) for the full run;
@@ -122,7 +124,9 @@ def run(
         res["error"] = "no implemented optimizer"
         return res
     argv = compare_argv(ok, out, settings)
-    res["command"] = " ".join(argv[1:])
+    # The page shows the command from the project root, not this machine's absolute paths.
+    shown = compare_argv(ok, pathlib.Path(os.path.relpath(out.resolve(), _ROOT)), settings)
+    res["command"] = " ".join(["python"] + shown[1:])
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
     res["returncode"] = proc.returncode
     path = out / "results.json"
