@@ -151,6 +151,11 @@ def _path_hash(path: str) -> int:
     return zlib.crc32(path.encode()) & 0x7FFFFFFF
 
 
+# Largest projection (elements) drawn together with others of its shape; see
+# `_sample_projections`.
+_BATCHED_DRAW_MAX_SIZE = 1 << 16
+
+
 def _sample_projections(
     key_data: jax.Array, block: jax.Array, requests: list[tuple[str, tuple[int, ...], int]]
 ) -> list[jax.Array]:
@@ -158,22 +163,26 @@ def _sample_projections(
 
     ``shape`` is ``(batch, a, b)``; slice ``i`` of a leaf draws with key
     ``fold_in(fold_in(fold_in(key(seed), crc(path)), block), i)``. The draws
-    are batched: the leaf keys in one vmapped fold-in, and the requests of
-    one shape in one vmapped draw (the values are those of separate draws).
+    are batched: the leaf keys in one vmapped fold-in, and the small requests
+    of one shape in one vmapped draw (the values are those of separate draws).
     On CPU each Threefry call is a `while` loop with a per-iteration cost, so
     four calls per leaf (~340 loops per step for llama-130m) cost about as
     much as a pass over the gradients; batched it is 2 + 2 per shape.
+    Requests larger than `_BATCHED_DRAW_MAX_SIZE` are drawn one by one: there
+    the draw's arithmetic dominates, and one stacked draw sliced per leaf was
+    slower (APOLLO r=256 on llama-130m: 445 -> 518 ms per update).
     """
     if not requests:
         return []
     base = jax.random.wrap_key_data(key_data)
     hashes = jnp.asarray([_path_hash(path) for path, _, _ in requests], jnp.uint32)
     keys = jax.vmap(lambda h: jax.random.fold_in(jax.random.fold_in(base, h), block))(hashes)
-    groups: dict[tuple[tuple[int, ...], int], list[int]] = {}
+    groups: dict[tuple[tuple[int, ...], int, int], list[int]] = {}
     for i, (_, shape, rank) in enumerate(requests):
-        groups.setdefault((shape, rank), []).append(i)
+        alone = math.prod(shape) > _BATCHED_DRAW_MAX_SIZE
+        groups.setdefault((shape, rank, i if alone else -1), []).append(i)
     out: list[Any] = [None] * len(requests)
-    for (shape, rank), idx in groups.items():
+    for (shape, rank, _), idx in groups.items():
 
         def draw(key, shape=shape):
             slices = jax.vmap(lambda n: jax.random.fold_in(key, n))(jnp.arange(shape[0]))

@@ -396,11 +396,13 @@ def test_projections_refresh_exactly_every_gap_and_are_reproducible():
     assert not np.allclose(other[0]["a"], seen[0]["a"])
 
 
-def test_batched_draws_equal_the_documented_per_slice_keys():
+@pytest.mark.parametrize("max_batched", [1 << 16, 20])  # 20: the (1, 4, 6) draws go alone
+def test_batched_draws_equal_the_documented_per_slice_keys(max_batched, monkeypatch):
     # P of slice i of leaf `path`: N(0, 1/r) drawn with
     # fold_in(fold_in(fold_in(key(seed), crc32(path)), block), i), whatever else is drawn
-    # in the same step (requests of one shape are drawn together).
+    # in the same step (small requests of one shape are drawn together).
     apollo_mod = sys.modules["optim_transforms.apollo"]
+    monkeypatch.setattr(apollo_mod, "_BATCHED_DRAW_MAX_SIZE", max_batched)
     key_data = jax.random.key_data(jax.random.key(7))
     requests = [("a/kernel", (1, 4, 6), 4), ("b/kernel", (3, 5, 2), 2), ("c/kernel", (1, 4, 6), 4)]
     block = jnp.int32(5)
