@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import math
 import os
+import pathlib
 import platform
 import re
 from typing import Any
@@ -21,6 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import optim_transforms
+
+# The project root (BENCHMARKS.md, benchmarks/); the page shows paths relative to it.
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 __all__ = [
     "MODEL_SIZES",

@@ -26,8 +26,6 @@ from typing import Any
 
 from experiments.bench import common
 
-_ROOT = pathlib.Path(__file__).resolve().parents[2]
-
 __all__ = ["compare_argv", "run", "summarize", "to_markdown", "FULL", "QUICK"]
 
 # compare's own defaults (llama-1m, seq 128, batch 32, 250 steps) for the full run;
@@ -125,7 +123,7 @@ def run(
         return res
     argv = compare_argv(ok, out, settings)
     # The page shows the command from the project root, not this machine's absolute paths.
-    shown = compare_argv(ok, pathlib.Path(os.path.relpath(out.resolve(), _ROOT)), settings)
+    shown = compare_argv(ok, pathlib.Path(os.path.relpath(out.resolve(), common.ROOT)), settings)
     res["command"] = " ".join(["python"] + shown[1:])
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
     res["returncode"] = proc.returncode

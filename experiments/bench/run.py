@@ -25,7 +25,6 @@ from experiments.bench import common, convergence, memory, peak, speed
 
 __all__ = ["SPEED_TARGETS", "check_targets", "main"]
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 # Issue 12's targets (ratio of median update time to optax.adamw's, same run).
 SPEED_TARGETS: dict[str, tuple[str, float | str]] = {
@@ -173,8 +172,8 @@ def _earlier_sections(
 def main(argv: list[str] | None = None) -> pathlib.Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="reduced run (< 10 min on 2 cores)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks"), help="raw results and plots")
-    ap.add_argument("--page", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--out", default=str(common.ROOT / "benchmarks"), help="raw results and plots")
+    ap.add_argument("--page", default=str(common.ROOT / "BENCHMARKS.md"))
     ap.add_argument(
         "--only", default="memory,peak,speed,convergence", help="comma-separated sections"
     )
