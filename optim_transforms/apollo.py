@@ -207,6 +207,33 @@ def _limit(u: jax.Array, prev: jax.Array, first: jax.Array, gamma: Any):
     return u / lim, new_prev
 
 
+# Below this a sum of squares may have lost squares to fp32 underflow.
+_MIN_SAFE_SQ = 2.0**-60
+
+
+def _scaled_norm(g32: jax.Array, coef: jax.Array, axes: tuple[int, ...], *, tensor: bool):
+    """``||g32 * coef||`` over ``axes`` (keepdims), in fp32, without forming ``g32 * coef``.
+
+    With one ``coef`` per slice (``tensor``) this is ``|coef| * ||g32||``: a
+    plain sum of squares, which XLA:CPU reduces ~1.5x faster than
+    ``sum((g32 * coef)**2)`` with a traced ``coef`` (measured on 24 x
+    (768, 2048) leaves: 6.0 vs 9.8 ms). ``g32**2`` can overflow (|g| > 1.8e19)
+    or underflow (|g| < 5e-20) where ``g32 * coef`` does not, so when the sum
+    is not finite or below `_MIN_SAFE_SQ` the direct form is computed instead
+    (a `lax.cond` on one predicate: one more pass over ``g32``, only then).
+    Per-channel ``coef`` keeps the direct form.
+    """
+
+    def direct():
+        return jnp.sqrt(jnp.sum(jnp.square(g32 * coef), axis=axes, keepdims=True))
+
+    if not tensor:
+        return direct()
+    sq = jnp.sum(g32 * g32, axis=axes, keepdims=True)
+    safe = jnp.all(jnp.isfinite(sq) & (sq >= _MIN_SAFE_SQ))
+    return jax.lax.cond(safe, lambda: jnp.abs(coef) * jnp.sqrt(sq), direct)
+
+
 def _bias_correction(b1: Any, b2: Any, t: jax.Array) -> jax.Array:
     """``sqrt(1 - b2**t) / (1 - b1**t)`` accurate in fp32.
 
@@ -437,7 +464,7 @@ def random_proj_scale(
                 coef = coef * sqrt_scale
             new_prev = None
             if norm_growth_gamma is not None:
-                u_norm = norm(g32 * coef, nb)
+                u_norm = _scaled_norm(g32, coef, nb, tensor=not channel)
                 lim, new_prev = _limit_factor(
                     u_norm, prev.reshape(u_norm.shape), first, norm_growth_gamma
                 )

@@ -530,6 +530,58 @@ def test_limiter_composes_with_random_proj_scale():
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
 
 
+@pytest.mark.parametrize("magnitude", [1.0, 1e25, "mixed"])
+def test_tensor_limiter_norm_is_exact_at_any_gradient_magnitude(magnitude):
+    """The tensor-wise built-in limiter takes ||G s|| as |s| ||G|| from a plain sum of
+    squares, which overflows in fp32 at |g| ~ 1e25 where G s does not; there it must fall
+    back to the direct form (underflow: the next test). Oracle: the standalone limiter
+    chained after the unlimited transform, which forms U = G s (and is not changed by it).
+    "mixed": one stacked leaf whose slices are 1e25 and 1 (one predicate for the leaf)."""
+    proj_fn = _gaussian_proj(21, 1)
+    common = dict(
+        rank=1, scale_type="tensor", update_proj_gap=3, bias_correction=False, proj_fn=proj_fn
+    )
+    inner = ot.random_proj_scale(norm_growth_gamma=1.01, **common)
+    chained = optax.chain(
+        ot.random_proj_scale(norm_growth_gamma=None, **common), ot.norm_growth_limiter(1.01)
+    )
+    rng = np.random.default_rng(17)
+    params = {"w": jnp.zeros((6, 9)), "layers": {"mlp": {"kernel": jnp.zeros((2, 9, 6))}}}
+    slice_scale = np.array([1e25, 1.0]) if magnitude == "mixed" else None
+
+    def grad(x, i):
+        g = (1 + 4 * (i % 2)) * rng.standard_normal(x.shape)  # growth every other step
+        if slice_scale is None:
+            scale = magnitude
+        else:
+            scale = slice_scale[:, None, None] if g.ndim == 3 else 1.0
+        return jnp.asarray(g * scale, jnp.float32)
+
+    gs = [jax.tree.map(lambda x, i=i: grad(x, i), params) for i in range(6)]
+    (a, sa), (b, _) = _run(inner, gs, params), _run(chained, gs, params)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.all(np.isfinite(_np(x)))
+        np.testing.assert_allclose(_np(x), _np(y), rtol=2e-6)
+    assert all(np.all(np.isfinite(_np(x))) for x in jax.tree.leaves(sa.prev_norm))
+
+
+@pytest.mark.parametrize(
+    ("g_scale", "coef"), [(1.0, 0.3), (1e25, 1e-24), (1e-21, 1e12), (0.0, 2.0), (3e-30, 0.0)]
+)
+def test_scaled_norm_matches_float64(g_scale, coef):
+    """`_scaled_norm` (tensor): ||g c|| per slice of a stacked leaf, where g**2 may overflow
+    (1e25) or lose precision to underflow (1e-21: squares ~1e-42 are subnormal) while g c is
+    an ordinary number; float64 oracle."""
+    from optim_transforms.apollo import _scaled_norm
+
+    g = np.random.default_rng(5).standard_normal((3, 16, 24)) * g_scale
+    c = np.full((3, 1, 1), coef)
+    g32, c32 = jnp.asarray(g, jnp.float32), jnp.asarray(c, jnp.float32)
+    got = _scaled_norm(g32, c32, (1, 2), tensor=True)
+    want = np.sqrt(np.sum((g.astype(np.float32).astype(np.float64) * coef) ** 2, axis=(1, 2)))
+    np.testing.assert_allclose(_np(got).reshape(3), want, rtol=1e-5)
+
+
 def test_apollo_update_norm_growth_is_limited():
     """||U_t|| <= 1.01 ||U_{t-1}|| for U = update / (lr * b_t * sqrt(scale)) on a matrix."""
     lr, scale = 0.1, 4.0
