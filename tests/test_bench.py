@@ -143,6 +143,24 @@ def test_speed_torch_references_import_and_step():
     assert not failed
 
 
+def test_apollo_torch_import_leaves_no_bitsandbytes_stand_in(monkeypatch):
+    """The stand-in package is gone after the import: left in sys.modules it made
+    pytorch-optimizer's ``find_spec("bitsandbytes")`` raise in a later test (CI)."""
+    import importlib.util
+    import sys
+
+    torch = pytest.importorskip("torch")
+    if importlib.util.find_spec("apollo_torch") is None:
+        pytest.skip("apollo-torch is not installed")
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed: no stand-in is needed")
+    for name in [n for n in sys.modules if n.split(".")[0] in ("apollo_torch", "bitsandbytes")]:
+        monkeypatch.delitem(sys.modules, name)  # import afresh; restored afterwards
+    assert issubclass(speed.import_apollo_torch(), torch.optim.Optimizer)
+    assert not [n for n in sys.modules if n.split(".")[0] == "bitsandbytes"]
+    assert importlib.util.find_spec("bitsandbytes") is None
+
+
 def test_speed_torch_setup_takes_the_state_allocating_step(monkeypatch):
     """The first PyTorch step allocates optimizer state, so setup takes it: the
     warm-up call (the one sample of a slow candidate in quick mode) is step 2."""

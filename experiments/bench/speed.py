@@ -181,8 +181,16 @@ def _stub_module(name: str, **attrs: Any) -> types.ModuleType:
 
 
 def import_apollo_torch():
-    """``apollo_torch.APOLLOAdamW``; bitsandbytes (never used by it) is stood in."""
+    """``apollo_torch.APOLLOAdamW``; bitsandbytes (never used by it) is stood in.
+
+    The stand-ins are removed again once the import is done: left in
+    ``sys.modules`` (without a ``__spec__``) they make a later
+    ``importlib.util.find_spec("bitsandbytes")`` raise, as pytorch-optimizer's
+    import does.
+    """
+    added: list[str] = []
     if "bitsandbytes" not in sys.modules and importlib.util.find_spec("bitsandbytes") is None:
+        before = set(sys.modules)
         bnb = _stub_module("bitsandbytes")
         optim = _stub_module("bitsandbytes.optim")
         opt = _stub_module(
@@ -190,8 +198,12 @@ def import_apollo_torch():
         )
         func = _stub_module("bitsandbytes.functional")
         bnb.optim, bnb.functional, optim.optimizer = optim, func, opt
-    from apollo_torch import APOLLOAdamW
-
+        added = [name for name in sys.modules if name not in before]
+    try:
+        from apollo_torch import APOLLOAdamW
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
     return APOLLOAdamW
 
 
