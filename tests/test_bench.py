@@ -127,8 +127,27 @@ def test_speed_harness_one_round_on_a_tiny_tree():
             assert r["times"] == [] and r["median"] is None and r["status"], name
     assert res["adamw"]["median"] is not None
     assert res["copy x*1.0000001"]["median"] is not None
+    assert res[speed.APOLLO_MINI_ALL]["median"] is not None
     # the shared params went through every step and are still finite
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(shared.params))
+
+
+def test_apollo_mini_all_row_routes_embedding_and_lm_head_to_apollo_mini():
+    # The reference row differs from the registry default only in the routing
+    # of the embedding and the LM head: low-rank moments instead of AdamW's.
+    def low_rank(tx):
+        state = jax.eval_shape(tx.init, TINY)
+        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+        return {p for p in paths if "['matrix']" in p and ".moments" in p and p.endswith(".mu")}
+
+    default, every = (
+        low_rank(common.try_build("apollo_mini").tx),
+        low_rank(speed.apollo_mini_all().tx),
+    )
+    assert any("q_proj" in p for p in default), default
+    assert not any("embed" in p or "lm_head" in p for p in default), default
+    assert any("embed" in p for p in every) and any("lm_head" in p for p in every), every
+    assert default < every
 
 
 def test_speed_torch_references_import_and_step():

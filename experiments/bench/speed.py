@@ -152,6 +152,28 @@ def _muon_candidate(shared: _Shared, tree: Any) -> Candidate:
     )
 
 
+APOLLO_MINI_ALL = "apollo_mini (embedding + LM head too)"
+
+
+def apollo_mini_all(learning_rate: float = LR) -> common.Available:
+    """APOLLO-Mini on every matrix, the embedding and LM head included.
+
+    The registry's default (paper practice) routes those two to AdamW; on
+    llama-130m they are 37% of the params, which bounds the default's ratio
+    to ``optax.adamw`` from below. This row shows the ratio without them.
+    """
+    labels = lambda p: optim_transforms.matrix_labels(p, exclude=None)
+    return common.try_build("apollo_mini", learning_rate, labels=labels)
+
+
+def _apollo_mini_all_candidate(shared: _Shared) -> Candidate:
+    avail = apollo_mini_all()
+    if not avail.ok:
+        return Candidate(APOLLO_MINI_ALL, None, status=avail.reason)
+    note = "labels=matrix_labels(p, exclude=None); the default gives them AdamW"
+    return _tx_candidate(APOLLO_MINI_ALL, avail.tx, shared, note)
+
+
 def jax_candidates(shared: _Shared, tree: Any) -> list[Candidate]:
     """``optax.adamw`` first, then every registry optimizer, then the optax references."""
     out = [_tx_candidate(BASELINE, optax.adamw(LR), shared, "optax.adamw (baseline)")]
@@ -164,6 +186,7 @@ def jax_candidates(shared: _Shared, tree: Any) -> list[Candidate]:
             continue
         note = "non-refresh steps (no hessian_diag)" if name.startswith("sophia") else ""
         out.append(_tx_candidate(name, avail.tx, shared, note))
+    out.append(_apollo_mini_all_candidate(shared))
     out.append(_muon_candidate(shared, tree))
     out.append(_sophia_obj_fn_candidate(shared))
     out.append(_copy_candidate(shared))
