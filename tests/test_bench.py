@@ -147,6 +147,7 @@ def test_apollo_mini_all_row_routes_embedding_and_lm_head_to_apollo_mini():
     assert any("q_proj" in p for p in default), default
     assert not any("embed" in p or "lm_head" in p for p in default), default
     assert any("embed" in p for p in every) and any("lm_head" in p for p in every), every
+    assert every - default == {p for p in every if "embed" in p or "lm_head" in p}
     assert default < every
 
 

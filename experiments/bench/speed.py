@@ -35,7 +35,15 @@ import optax
 import optim_transforms
 from experiments.bench import common
 
-__all__ = ["Candidate", "jax_candidates", "torch_candidates", "time_round_robin", "run"]
+__all__ = [
+    "APOLLO_MINI_ALL",
+    "Candidate",
+    "apollo_mini_all",
+    "jax_candidates",
+    "torch_candidates",
+    "time_round_robin",
+    "run",
+]
 
 LR = 1e-3
 BASELINE = "adamw"
@@ -166,12 +174,13 @@ def apollo_mini_all(learning_rate: float = LR) -> common.Available:
     return common.try_build("apollo_mini", learning_rate, labels=labels)
 
 
-def _apollo_mini_all_candidate(shared: _Shared) -> Candidate:
-    avail = apollo_mini_all()
+def _built_candidate(
+    name: str, avail: common.Available, shared: _Shared, note: str = ""
+) -> Candidate:
+    """A timed `_tx_candidate` of ``avail``, or an untimed row saying why it is unavailable."""
     if not avail.ok:
-        return Candidate(APOLLO_MINI_ALL, None, status=avail.reason)
-    note = "labels=matrix_labels(p, exclude=None); the default gives them AdamW"
-    return _tx_candidate(APOLLO_MINI_ALL, avail.tx, shared, note)
+        return Candidate(name, None, status=avail.reason)
+    return _tx_candidate(name, avail.tx, shared, note)
 
 
 def jax_candidates(shared: _Shared, tree: Any) -> list[Candidate]:
@@ -180,13 +189,10 @@ def jax_candidates(shared: _Shared, tree: Any) -> list[Candidate]:
     for name in common.optimizer_names():
         if name == BASELINE:
             continue
-        avail = common.try_build(name, LR)
-        if not avail.ok:
-            out.append(Candidate(name, None, status=avail.reason))
-            continue
         note = "non-refresh steps (no hessian_diag)" if name.startswith("sophia") else ""
-        out.append(_tx_candidate(name, avail.tx, shared, note))
-    out.append(_apollo_mini_all_candidate(shared))
+        out.append(_built_candidate(name, common.try_build(name, LR), shared, note))
+    note = "labels=matrix_labels(p, exclude=None); the default gives them AdamW"
+    out.append(_built_candidate(APOLLO_MINI_ALL, apollo_mini_all(), shared, note))
     out.append(_muon_candidate(shared, tree))
     out.append(_sophia_obj_fn_candidate(shared))
     out.append(_copy_candidate(shared))
